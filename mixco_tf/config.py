@@ -1,0 +1,246 @@
+"""The typed training configuration: defaults, YAML files and validation.
+
+One `Config` carries every setting of a run. Its defaults are the fast digits setting
+(`configs/digits.yaml` repeats them). A YAML file overrides the defaults and command-line
+flags override the YAML; `mixco_tf.train` does that merge and the models only receive
+plain arguments.
+"""
+
+import dataclasses
+import datetime
+import os
+import typing
+
+import yaml
+
+METHODS = ("mixco", "moco")
+# Methods named in the configuration contract that this version cannot train yet.
+PLANNED_METHODS = ("simclr", "simclr_mixco")
+BACKBONES = ("resnet18", "resnet34", "resnet50")
+STEMS = ("imagenet", "cifar")
+STRATEGIES = ("auto", "one_device")
+PRECISIONS = ("float32",)
+
+
+@dataclasses.dataclass
+class Config:
+    """Settings of one pretraining run; field names are the YAML keys and CLI flags."""
+
+    # Data and output.
+    dataset: str = "digits"
+    data_dir: typing.Optional[str] = None
+    model_dir: typing.Optional[str] = None
+
+    # Method and model.
+    method: str = "mixco"
+    backbone: str = "resnet18"
+    stem: str = "cifar"
+    width_multiplier: float = 0.25
+    projection_dim: int = 128
+    image_size: int = 32
+
+    # Optimization: SGD with momentum, linear warm-up then cosine decay, per step.
+    batch_size: int = 128
+    epochs: int = 60
+    learning_rate: float = 0.06
+    warmup_epochs: int = 2
+    weight_decay: float = 1e-4
+    sgd_momentum: float = 0.9
+
+    # MoCo and MixCo.
+    moco_momentum: float = 0.99
+    queue_size: int = 1024
+    temperature: float = 0.2
+    mix_temperature: float = 0.05
+    mix_weight: float = 1.0
+    key_bn_splits: int = 8
+
+    # Augmentation (MoCo-v2 by default; digits are grayscale and not flip-invariant).
+    crop_min_scale: float = 0.2
+    brightness: float = 0.4
+    contrast: float = 0.4
+    saturation: float = 0.4
+    hue: float = 0.1
+    color_jitter_prob: float = 0.8
+    grayscale_prob: float = 0.2
+    blur_prob: float = 0.5
+    blur_max_sigma: float = 2.0
+    flip_prob: float = 0.5
+
+    # Execution.
+    strategy: str = "auto"
+    cpu_devices: int = 0
+    precision: str = "float32"
+    jit_compile: bool = False
+    steps_per_execution: int = 1
+    seed: int = 0
+
+    # Evaluation at the end of the run.
+    eval_batch_size: int = 256
+
+    def validate(self):
+        """Raises ValueError naming the first invalid key, its value and the valid range."""
+        _choice(self, "method", METHODS, planned=PLANNED_METHODS)
+        _choice(self, "backbone", BACKBONES)
+        _choice(self, "stem", STEMS)
+        _choice(self, "strategy", STRATEGIES)
+        _choice(self, "precision", PRECISIONS)
+        _positive(self, "width_multiplier")
+        _positive(self, "projection_dim")
+        _positive(self, "epochs")
+        _positive(self, "learning_rate")
+        _positive(self, "temperature")
+        _positive(self, "mix_temperature")
+        _positive(self, "key_bn_splits")
+        _positive(self, "steps_per_execution")
+        _positive(self, "eval_batch_size")
+        _at_least(self, "warmup_epochs", 0)
+        _at_least(self, "weight_decay", 0)
+        _at_least(self, "mix_weight", 0)
+        _at_least(self, "cpu_devices", 0)
+        _in_range(self, "sgd_momentum", 0.0, 1.0, upper_open=True)
+        _in_range(self, "moco_momentum", 0.0, 1.0, upper_open=True)
+        _in_range(self, "crop_min_scale", 0.0, 1.0, lower_open=True)
+        for name in ("color_jitter_prob", "grayscale_prob", "blur_prob", "flip_prob"):
+            _in_range(self, name, 0.0, 1.0)
+        for name in ("brightness", "contrast", "saturation", "blur_max_sigma"):
+            _at_least(self, name, 0)
+        _in_range(self, "hue", 0.0, 0.5)
+
+        if self.image_size < 8:
+            _fail("image_size", self.image_size, "at least 8 pixels")
+        if self.stem == "imagenet" and self.image_size < 32:
+            _fail(
+                "image_size",
+                self.image_size,
+                "at least 32 with stem=imagenet, which downsamples 32x before pooling; "
+                "use stem=cifar for small images",
+            )
+        if self.batch_size < 2 or self.batch_size % 2:
+            _fail("batch_size", self.batch_size, "an even integer of at least 2, because MixCo mixes the two halves of a batch")
+        if self.batch_size % self.key_bn_splits:
+            _fail(
+                "key_bn_splits",
+                self.key_bn_splits,
+                f"a divisor of batch_size={self.batch_size} (split BatchNorm needs equal groups)",
+            )
+        if self.queue_size < self.batch_size:
+            _fail("queue_size", self.queue_size, f"at least batch_size={self.batch_size}")
+        return self
+
+    def resolved_model_dir(self):
+        """Returns `model_dir`, or `runs/<dataset>-<timestamp>` when it is unset."""
+        if self.model_dir:
+            return self.model_dir
+        stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        return os.path.join("runs", f"{self.dataset}-{stamp}")
+
+    def to_dict(self):
+        return dataclasses.asdict(self)
+
+
+def field_types():
+    """Maps each config key to its Python type (`str`, `int`, `float` or `bool`)."""
+    hints = typing.get_type_hints(Config)
+    types = {}
+    for field in dataclasses.fields(Config):
+        hint = hints[field.name]
+        if typing.get_origin(hint) is typing.Union:
+            hint = next(arg for arg in typing.get_args(hint) if arg is not type(None))
+        types[field.name] = hint
+    return types
+
+
+def from_dict(values, source="config"):
+    """Builds a Config from a mapping, rejecting unknown keys and values of the wrong type.
+
+    Args:
+        values: key -> value, e.g. a parsed YAML file.
+        source: where the values came from, for error messages.
+    """
+    types = field_types()
+    unknown = sorted(set(values) - set(types))
+    if unknown:
+        raise ValueError(
+            f"Unknown key(s) {unknown} in {source}. Valid keys: {sorted(types)}. Check the spelling."
+        )
+    converted = {name: _convert(name, value, types[name], source) for name, value in values.items()}
+    return Config(**converted)
+
+
+def load_yaml(path):
+    """Reads a YAML config file into a dict, with a clear error when it is missing or malformed."""
+    if not os.path.isfile(path):
+        raise ValueError(f"Config file not found: {path!r}. Pass --config=PATH to an existing YAML file.")
+    with open(path, encoding="utf-8") as stream:
+        try:
+            values = yaml.safe_load(stream) or {}
+        except yaml.YAMLError as error:
+            raise ValueError(f"Config file {path!r} is not valid YAML: {error}") from error
+    if not isinstance(values, dict):
+        raise ValueError(f"Config file {path!r} must hold a mapping of keys to values, got {type(values).__name__}.")
+    return values
+
+
+def _convert(name, value, expected_type, source):
+    if value is None:
+        default = Config.__dataclass_fields__[name].default
+        if default is None:
+            return None
+        raise ValueError(f"{source}: key {name!r} is empty; give it a {expected_type.__name__} value.")
+    if expected_type is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return value.lower() == "true"
+    elif expected_type is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif expected_type is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+    elif expected_type is str:
+        if isinstance(value, str):
+            return value
+    raise ValueError(f"{source}: key {name!r} must be a {expected_type.__name__}, got {value!r}.")
+
+
+def _fail(name, value, expected):
+    raise ValueError(f"Invalid config value {name}={value!r}: expected {expected}.")
+
+
+def _choice(config, name, choices, planned=()):
+    value = getattr(config, name)
+    if value in planned:
+        raise ValueError(
+            f"{name}={value!r} is not implemented in this version of mixco_tf. Use one of {list(choices)}."
+        )
+    if value not in choices:
+        _fail(name, value, f"one of {list(choices)}")
+
+
+def _positive(config, name):
+    value = getattr(config, name)
+    if not value > 0:
+        _fail(name, value, "a positive number")
+
+
+def _at_least(config, name, minimum):
+    value = getattr(config, name)
+    if not value >= minimum:
+        _fail(name, value, f"at least {minimum}")
+
+
+def _in_range(config, name, low, high, lower_open=False, upper_open=False):
+    value = getattr(config, name)
+    above = value > low if lower_open else value >= low
+    below = value < high if upper_open else value <= high
+    if not (above and below):
+        _fail(name, value, f"in {'(' if lower_open else '['}{low}, {high}{')' if upper_open else ']'}")

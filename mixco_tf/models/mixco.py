@@ -1,0 +1,332 @@
+"""MixCo on MoCo-v2: mixed images as semi-positives of a momentum-contrast model.
+
+One training step on two augmented views `view_q`, `view_k` of a batch of B images:
+
+1. mix: pair the first half of `view_q` with the second half, `x_mix = lam * x1 + (1 - lam) * x2`;
+2. encode queries: `q`, `q_mix` from the query encoder on `concat[view_q, x_mix]`;
+3. update the key encoder: `theta_k = m * theta_k + (1 - m) * theta_q`;
+4. encode keys: `k` from the key encoder on a shuffled `view_k` (Shuffle-BN);
+5. contrast: InfoNCE(q, k, queue) + beta * mix loss(q_mix, k, queue, lam);
+6. step the optimizer on the query encoder; enqueue `k`.
+
+Reference: Kim, Lee, Bae, Yun, "MixCo: Mix-up Contrastive Learning for Visual
+Representation", arXiv 2010.06300, and the authors' PyTorch code.
+"""
+
+import functools
+import logging
+
+import keras
+import tensorflow as tf
+
+from mixco_tf import losses
+from mixco_tf.models.batch_norm import SplitBatchNormalization
+from mixco_tf.models.resnet import build_backbone, build_projection_head
+
+logger = logging.getLogger(__name__)
+
+
+@keras.saving.register_keras_serializable(package="mixco_tf")
+class MixCo(keras.Model):
+    """MoCo-v2 with MixCo's mixed semi-positives, trained by `model.fit`.
+
+    `fit` takes a dataset of `(view_q, view_k)` pairs: two augmented, normalized float
+    views `[batch, height, width, 3]` of the same images, with an even batch size.
+    Calling the model returns the query backbone's features, the representation that is
+    exported and evaluated.
+
+    Args:
+        backbone: "resnet18", "resnet34" or "resnet50" (torchvision layout).
+        stem: "imagenet" or "cifar"; see `mixco_tf.models.resnet`.
+        width_multiplier: channel multiplier of the backbone.
+        projection_dim: output size of the MLP head (128).
+        queue_size: K, the number of negative keys kept in the queue. Must be at least
+            the batch size.
+        moco_momentum: m of the key encoder's moving average (0.999).
+        temperature: T of the InfoNCE loss (0.2).
+        mix_temperature: T_mix of the mix loss (0.05).
+        mix_weight: beta, the weight of the mix loss. 0 trains plain MoCo-v2 and runs no
+            mixed forward pass.
+        weight_decay: L2 coefficient added to the gradients of the query encoder before
+            the optimizer, like `torch.optim.SGD(weight_decay=...)` in the authors' code.
+            Leave it at 0 when the optimizer applies its own decoupled weight decay.
+        key_bn_splits: groups of the key encoder's split BatchNorm on one device (the
+            Shuffle-BN substitute); 1 disables it. The batch size must be divisible by it.
+        seed: seed of the in-graph randomness (mixing weights, key shuffle, queue init).
+        **kwargs: passed to `keras.Model`.
+    """
+
+    def __init__(
+        self,
+        backbone="resnet18",
+        stem="cifar",
+        width_multiplier=1.0,
+        projection_dim=128,
+        queue_size=65536,
+        moco_momentum=0.999,
+        temperature=0.2,
+        mix_temperature=0.05,
+        mix_weight=1.0,
+        weight_decay=0.0,
+        key_bn_splits=8,
+        seed=None,
+        **kwargs,
+    ):
+        super().__init__(**kwargs)
+        self.backbone_name = backbone
+        self.stem = stem
+        self.width_multiplier = width_multiplier
+        self.projection_dim = projection_dim
+        self.queue_size = queue_size
+        self.moco_momentum = moco_momentum
+        self.temperature = temperature
+        self.mix_temperature = mix_temperature
+        self.mix_weight = mix_weight
+        self.weight_decay = weight_decay
+        self.key_bn_splits = key_bn_splits
+        self.seed = seed
+        _validate_hyperparameters(self)
+
+        # Query encoder f_q = projection_head(backbone(x)): trained by the optimizer.
+        self.backbone = build_backbone(backbone, stem, width_multiplier, model_name="backbone")
+        feature_dim = self.backbone.output_shape[-1]
+        self.projection_head = build_projection_head(feature_dim, projection_dim, name="projection_head")
+
+        # Key encoder f_k: same architecture, split BatchNorm, moved only by momentum.
+        key_batch_norm = functools.partial(
+            SplitBatchNormalization, num_splits=key_bn_splits, momentum=0.9, epsilon=1e-5
+        )
+        self.key_backbone = build_backbone(
+            backbone, stem, width_multiplier, batch_norm=key_batch_norm, model_name="key_backbone"
+        )
+        self.key_projection_head = build_projection_head(
+            feature_dim, projection_dim, name="key_projection_head"
+        )
+        self.key_backbone.trainable = False
+        self.key_projection_head.trainable = False
+        self._copy_query_to_key_encoder()
+
+        self.queue = self.add_weight(
+            shape=(queue_size, projection_dim),
+            initializer=_normalized_normal_initializer(seed),
+            trainable=False,
+            name="queue",
+        )
+        self.queue_pointer = self.add_weight(
+            shape=(), initializer="zeros", dtype="int32", trainable=False, name="queue_pointer"
+        )
+        self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
+
+        self.loss_tracker = keras.metrics.Mean(name="loss")
+        self.moco_loss_tracker = keras.metrics.Mean(name="moco_loss")
+        self.mix_loss_tracker = keras.metrics.Mean(name="mix_loss")
+        self.top1_tracker = keras.metrics.Mean(name="top1")
+        logger.info(
+            "MixCo key encoder BatchNorm: %s",
+            f"split into {key_bn_splits} groups with shuffled keys"
+            if key_bn_splits > 1
+            else "whole batch, no shuffle (Shuffle-BN disabled)",
+        )
+        self.built = True
+
+    # ------------------------------------------------------------------ encoders
+
+    def call(self, images, training=False):
+        """Returns the query backbone's features `[batch, feature_dim]` for normalized images."""
+        return self.backbone(images, training=training)
+
+    @property
+    def metrics(self):
+        return [self.loss_tracker, self.moco_loss_tracker, self.mix_loss_tracker, self.top1_tracker]
+
+    @property
+    def key_encoder_pairs(self):
+        """(query weight, key weight) pairs that the momentum update moves: the trainable ones."""
+        query_weights = self.backbone.weights + self.projection_head.weights
+        key_weights = self.key_backbone.weights + self.key_projection_head.weights
+        return [(q, k) for q, k in zip(query_weights, key_weights) if q.trainable]
+
+    def _copy_query_to_key_encoder(self):
+        """Starts the key encoder equal to the query encoder, moving statistics included."""
+        self.key_backbone.set_weights(self.backbone.get_weights())
+        self.key_projection_head.set_weights(self.projection_head.get_weights())
+
+    def encode_queries(self, images, training=True):
+        """Returns L2-normalized projections `[batch, projection_dim]` of the query encoder."""
+        projections = self.projection_head(self.backbone(images, training=training), training=training)
+        return tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1)
+
+    def encode_keys(self, images):
+        """Returns L2-normalized key projections `[batch, projection_dim]`, without gradient.
+
+        The batch is shuffled before the key encoder and unshuffled after it, so each
+        split-BatchNorm group draws its statistics from a random subset of the batch.
+        """
+        batch_size = tf.shape(images)[0]
+        if self.key_bn_splits > 1:
+            permutation = tf.argsort(keras.random.uniform([batch_size], seed=self.seed_generator))
+            images = tf.gather(images, permutation)
+        projections = self.key_projection_head(self.key_backbone(images, training=True), training=True)
+        keys = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1)
+        if self.key_bn_splits > 1:
+            keys = tf.gather(keys, tf.argsort(permutation))
+        return tf.stop_gradient(keys)
+
+    # ------------------------------------------------------------------ the algorithm
+
+    def mix(self, images):
+        """Mixes the first half of a batch with the second half.
+
+        Args:
+            images: float `[batch, height, width, 3]`, batch even.
+
+        Returns:
+            `(mixed, lam)`: mixed images `[batch / 2, height, width, 3]` with
+            `mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[i + batch / 2]`, and
+            float32 `lam` `[batch / 2]` drawn from U(0, 1).
+        """
+        half = tf.shape(images)[0] // 2
+        lam = keras.random.uniform([half], seed=self.seed_generator)
+        first, second = images[:half], images[half:]
+        weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
+        mixed = weights * first + (1.0 - weights) * second
+        return mixed, lam
+
+    def update_key_encoder(self):
+        """Moves the key encoder towards the query encoder: `k = m * k + (1 - m) * q`."""
+        m = self.moco_momentum
+        for query_weight, key_weight in self.key_encoder_pairs:
+            key_weight.assign(m * key_weight + (1.0 - m) * query_weight)
+
+    def enqueue(self, keys):
+        """Writes `keys` `[batch, dim]` into the queue at the pointer, wrapping around at K."""
+        batch_size = tf.shape(keys)[0]
+        positions = (self.queue_pointer + tf.range(batch_size)) % self.queue_size
+        self.queue.assign(tf.tensor_scatter_nd_update(self.queue, positions[:, None], keys))
+        self.queue_pointer.assign((self.queue_pointer + batch_size) % self.queue_size)
+
+    def train_step(self, data):
+        view_q, view_k = _unpack_views(data)
+        _check_batch_size(view_q.shape[0], self.key_bn_splits, self.queue_size)
+        batch_size = tf.shape(view_q)[0]
+        use_mix = self.mix_weight > 0
+        query_variables = self.backbone.trainable_variables + self.projection_head.trainable_variables
+
+        # 1. Mix the two halves of the query view.
+        if use_mix:
+            x_mix, lam = self.mix(view_q)
+            query_inputs = tf.concat([view_q, x_mix], axis=0)
+        else:
+            query_inputs = view_q
+
+        with tf.GradientTape() as tape:
+            # 2. Queries of the clean and mixed images in one forward pass.
+            q_all = self.encode_queries(query_inputs, training=True)
+            q = q_all[:batch_size]
+
+            # 3-4. Momentum update, then keys from the updated key encoder.
+            self.update_key_encoder()
+            k = self.encode_keys(view_k)
+
+            # 5. Contrast against the keys and the queue of older keys.
+            queue = tf.convert_to_tensor(self.queue)
+            logits = losses.moco_logits(q, k, queue, self.temperature)
+            moco_loss = losses.info_nce(q, k, queue, self.temperature)
+            if use_mix:
+                q_mix = q_all[batch_size:]
+                mix_loss = losses.mix_contrast(q_mix, k, queue, lam, self.mix_temperature)
+            else:
+                mix_loss = tf.constant(0.0)
+            loss = moco_loss + self.mix_weight * mix_loss
+
+        # 6. Optimizer step on the query encoder, then enqueue this batch's keys.
+        gradients = tape.gradient(loss, query_variables)
+        if self.weight_decay:
+            gradients = [g + self.weight_decay * v for g, v in zip(gradients, query_variables)]
+        self.optimizer.apply(gradients, query_variables)
+        self.enqueue(k)
+
+        top1 = tf.reduce_mean(tf.cast(tf.equal(tf.argmax(logits, axis=-1), 0), tf.float32))
+        self.loss_tracker.update_state(loss)
+        self.moco_loss_tracker.update_state(moco_loss)
+        self.mix_loss_tracker.update_state(mix_loss)
+        self.top1_tracker.update_state(top1)
+        return {metric.name: metric.result() for metric in self.metrics}
+
+    # ------------------------------------------------------------------ serialization
+
+    def get_config(self):
+        return {
+            **super().get_config(),
+            "backbone": self.backbone_name,
+            "stem": self.stem,
+            "width_multiplier": self.width_multiplier,
+            "projection_dim": self.projection_dim,
+            "queue_size": self.queue_size,
+            "moco_momentum": self.moco_momentum,
+            "temperature": self.temperature,
+            "mix_temperature": self.mix_temperature,
+            "mix_weight": self.mix_weight,
+            "weight_decay": self.weight_decay,
+            "key_bn_splits": self.key_bn_splits,
+            "seed": self.seed,
+        }
+
+
+def _unpack_views(data):
+    """Accepts `(view_q, view_k)` as yielded by the dataset, or Keras's `((q, k),)`."""
+    if isinstance(data, (tuple, list)) and len(data) == 1:
+        data = data[0]
+    if not isinstance(data, (tuple, list)) or len(data) != 2:
+        raise ValueError(
+            "MixCo.fit expects a dataset of (view_q, view_k) pairs, two augmented views of "
+            f"the same images; got an element of type {type(data).__name__}. Use "
+            "mixco_tf.augment.two_view_dataset to build one."
+        )
+    return data[0], data[1]
+
+
+def _check_batch_size(batch_size, key_bn_splits, queue_size):
+    """Rejects batch sizes that cannot be mixed, split or enqueued, at trace time."""
+    if batch_size is None:
+        raise ValueError(
+            "MixCo needs a static batch size: batch the dataset with drop_remainder=True."
+        )
+    if batch_size % 2:
+        raise ValueError(f"MixCo mixes the two halves of a batch, so the batch size must be even; got {batch_size}.")
+    if batch_size % key_bn_splits:
+        raise ValueError(
+            f"Batch size {batch_size} is not divisible by key_bn_splits={key_bn_splits}. "
+            "Change one of them so the key batch splits into equal groups."
+        )
+    if batch_size > queue_size:
+        raise ValueError(
+            f"queue_size={queue_size} is smaller than the batch size {batch_size}; one "
+            "batch of keys would overwrite itself. Use a queue of at least one batch."
+        )
+
+
+def _validate_hyperparameters(model):
+    checks = [
+        ("queue_size", model.queue_size, model.queue_size >= 1, "a positive integer"),
+        ("projection_dim", model.projection_dim, model.projection_dim >= 1, "a positive integer"),
+        ("moco_momentum", model.moco_momentum, 0.0 <= model.moco_momentum < 1.0, "in [0, 1)"),
+        ("temperature", model.temperature, model.temperature > 0, "positive"),
+        ("mix_temperature", model.mix_temperature, model.mix_temperature > 0, "positive"),
+        ("mix_weight", model.mix_weight, model.mix_weight >= 0, "non-negative"),
+        ("weight_decay", model.weight_decay, model.weight_decay >= 0, "non-negative"),
+        ("key_bn_splits", model.key_bn_splits, model.key_bn_splits >= 1, "a positive integer"),
+    ]
+    for name, value, valid, expected in checks:
+        if not valid:
+            raise ValueError(f"Invalid {name}={value!r}: it must be {expected}.")
+
+
+def _normalized_normal_initializer(seed):
+    """Initializes the queue with random unit vectors, as MoCo does."""
+
+    def initializer(shape, dtype=None):
+        values = keras.random.normal(shape, seed=seed, dtype="float32")
+        return tf.cast(tf.math.l2_normalize(values, axis=-1), dtype or tf.float32)
+
+    return initializer
