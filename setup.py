@@ -21,6 +21,7 @@ setuptools.setup(
         "numpy>=1.23",
         "PyYAML>=6.0",
         "scikit-learn>=1.2",
+        "tensorboard>=2.16",
         "tensorflow-datasets>=4.9",
     ],
     extras_require={

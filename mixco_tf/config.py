@@ -35,13 +35,13 @@ class Config:
     method: str = "mixco"
     backbone: str = "resnet18"
     stem: str = "cifar"
-    width_multiplier: float = 0.25
+    width_multiplier: float = 0.125
     projection_dim: int = 128
-    image_size: int = 32
+    image_size: int = 16
 
     # Optimization: SGD with momentum, linear warm-up then cosine decay, per step.
     batch_size: int = 128
-    epochs: int = 60
+    epochs: int = 50
     learning_rate: float = 0.06
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
@@ -49,23 +49,24 @@ class Config:
 
     # MoCo and MixCo.
     moco_momentum: float = 0.99
-    queue_size: int = 1024
+    queue_size: int = 256
     temperature: float = 0.2
     mix_temperature: float = 0.05
     mix_weight: float = 1.0
     key_bn_splits: int = 8
 
-    # Augmentation (MoCo-v2 by default; digits are grayscale and not flip-invariant).
-    crop_min_scale: float = 0.2
+    # Augmentation: MoCo-v2's, less strong for digits, which are tiny, grayscale and
+    # not mirror-symmetric (no flip, no blur, crops of at least 40% of the area).
+    crop_min_scale: float = 0.4
     brightness: float = 0.4
     contrast: float = 0.4
     saturation: float = 0.4
     hue: float = 0.1
     color_jitter_prob: float = 0.8
     grayscale_prob: float = 0.2
-    blur_prob: float = 0.5
+    blur_prob: float = 0.0
     blur_max_sigma: float = 2.0
-    flip_prob: float = 0.5
+    flip_prob: float = 0.0
 
     # Execution.
     strategy: str = "auto"
@@ -244,3 +245,45 @@ def _in_range(config, name, low, high, lower_open=False, upper_open=False):
     below = value < high if upper_open else value <= high
     if not (above and below):
         _fail(name, value, f"in {'(' if lower_open else '['}{low}, {high}{')' if upper_open else ']'}")
+
+
+HELP = {
+    "dataset": "Data set name from the registry (digits needs no download).",
+    "data_dir": "Folder holding downloaded or prepared data sets.",
+    "model_dir": "Run directory for checkpoints, logs, export and results.json; default runs/<dataset>-<timestamp>.",
+    "method": "mixco (MoCo-v2 + MixCo) or moco (plain MoCo-v2, the same as mix_weight=0).",
+    "backbone": "resnet18, resnet34 or resnet50 (torchvision layout).",
+    "stem": "imagenet (7x7/2 conv + max-pool, for 224 px) or cifar (3x3/1 conv, for 32-64 px).",
+    "width_multiplier": "Multiplier of every layer's channel count; below 1 for fast CPU runs.",
+    "projection_dim": "Output size of the MLP projection head.",
+    "image_size": "Side of the square training views, in pixels.",
+    "batch_size": "Global batch size (even, because MixCo mixes the two halves).",
+    "epochs": "Pretraining epochs.",
+    "learning_rate": "Peak SGD learning rate, reached after the warm-up and decayed with a cosine.",
+    "warmup_epochs": "Epochs of linear learning-rate warm-up from 0.",
+    "weight_decay": "L2 weight decay added to the gradients, as torch.optim.SGD does.",
+    "sgd_momentum": "SGD momentum.",
+    "moco_momentum": "Momentum m of the key encoder's moving average.",
+    "queue_size": "K, the number of negative keys in the queue (at least batch_size).",
+    "temperature": "Temperature T of the InfoNCE loss.",
+    "mix_temperature": "Temperature T_mix of the MixCo loss.",
+    "mix_weight": "beta, the weight of the MixCo loss; 0 trains plain MoCo-v2.",
+    "key_bn_splits": "Groups of the key encoder's split BatchNorm (Shuffle-BN on one device); 1 disables it.",
+    "crop_min_scale": "Smallest area fraction of the random resized crop.",
+    "brightness": "Color-jitter brightness strength (factor drawn from [1 - b, 1 + b]).",
+    "contrast": "Color-jitter contrast strength.",
+    "saturation": "Color-jitter saturation strength.",
+    "hue": "Color-jitter hue strength, in [0, 0.5].",
+    "color_jitter_prob": "Probability of applying color jitter to a view.",
+    "grayscale_prob": "Probability of converting a view to grayscale.",
+    "blur_prob": "Probability of blurring a view.",
+    "blur_max_sigma": "Largest Gaussian-blur sigma, in pixels (the smallest is 0.1).",
+    "flip_prob": "Probability of a horizontal flip (0 for data that is not mirror-symmetric).",
+    "strategy": "Distribution strategy: auto or one_device.",
+    "cpu_devices": "Logical CPU devices to split the host into (0 keeps one).",
+    "precision": "Keras dtype policy; float32 only in this version.",
+    "jit_compile": "Compile the train step with XLA.",
+    "steps_per_execution": "Train steps per compiled call; more means fewer host round trips.",
+    "seed": "Seed of weights, data order, augmentation and in-graph randomness.",
+    "eval_batch_size": "Batch size of feature extraction for evaluation.",
+}

@@ -1,0 +1,100 @@
+"""Config defaults, YAML parsing and validation messages."""
+
+import dataclasses
+import pathlib
+
+import pytest
+import yaml
+
+from mixco_tf import config as config_lib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+
+
+def test_digits_yaml_equals_defaults():
+    """`python -m mixco_tf.train` without flags must train exactly the digits.yaml setting."""
+    values = config_lib.load_yaml(str(REPO / "configs" / "digits.yaml"))
+    assert config_lib.from_dict(values) == config_lib.Config()
+
+
+def test_every_config_file_is_valid():
+    for path in sorted((REPO / "configs").glob("*.yaml")):
+        config_lib.from_dict(config_lib.load_yaml(str(path)), source=str(path)).validate()
+
+
+def test_defaults_are_valid():
+    config_lib.Config().validate()
+
+
+def test_every_key_has_help():
+    assert set(config_lib.HELP) == set(config_lib.field_types())
+
+
+def test_unknown_key_is_rejected_with_its_name():
+    with pytest.raises(ValueError, match=r"Unknown key\(s\) \['batchsize'\]"):
+        config_lib.from_dict({"batchsize": 64})
+
+
+@pytest.mark.parametrize(
+    "values, message",
+    [
+        ({"epochs": "ten"}, "'epochs' must be a int"),
+        ({"learning_rate": "fast"}, "'learning_rate' must be a float"),
+        ({"jit_compile": "maybe"}, "'jit_compile' must be a bool"),
+        ({"batch_size": True}, "'batch_size' must be a int"),
+    ],
+)
+def test_wrong_types_are_rejected(values, message):
+    with pytest.raises(ValueError, match=message):
+        config_lib.from_dict(values)
+
+
+def test_types_are_converted():
+    config = config_lib.from_dict({"learning_rate": 1, "epochs": 3.0, "jit_compile": "true", "weight_decay": "1e-4"})
+    assert config.learning_rate == 1.0 and isinstance(config.learning_rate, float)
+    assert config.epochs == 3 and isinstance(config.epochs, int)
+    assert config.jit_compile is True
+    assert config.weight_decay == 1e-4
+
+
+@pytest.mark.parametrize(
+    "changes, key",
+    [
+        ({"batch_size": 7}, "batch_size"),
+        ({"batch_size": 64, "queue_size": 32}, "queue_size"),
+        ({"batch_size": 36, "key_bn_splits": 8}, "key_bn_splits"),
+        ({"temperature": 0.0}, "temperature"),
+        ({"moco_momentum": 1.0}, "moco_momentum"),
+        ({"mix_weight": -0.5}, "mix_weight"),
+        ({"method": "byol"}, "method"),
+        ({"method": "simclr"}, "method"),
+        ({"backbone": "vit"}, "backbone"),
+        ({"stem": "imagenet", "image_size": 16}, "image_size"),
+        ({"flip_prob": 1.5}, "flip_prob"),
+        ({"crop_min_scale": 0.0}, "crop_min_scale"),
+        ({"hue": 0.7}, "hue"),
+        ({"epochs": 0}, "epochs"),
+    ],
+)
+def test_invalid_values_name_the_key(changes, key):
+    config = dataclasses.replace(config_lib.Config(), **changes)
+    with pytest.raises(ValueError, match=key):
+        config.validate()
+
+
+def test_load_yaml_errors(tmp_path):
+    with pytest.raises(ValueError, match="not found"):
+        config_lib.load_yaml(str(tmp_path / "missing.yaml"))
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epochs: [1, 2\n")
+    with pytest.raises(ValueError, match="not valid YAML"):
+        config_lib.load_yaml(str(bad))
+    listing = tmp_path / "list.yaml"
+    listing.write_text(yaml.safe_dump([1, 2]))
+    with pytest.raises(ValueError, match="mapping"):
+        config_lib.load_yaml(str(listing))
+
+
+def test_model_dir_default_names_dataset():
+    assert config_lib.Config(dataset="digits").resolved_model_dir().startswith("runs/digits-")
+    assert config_lib.Config(model_dir="/tmp/x").resolved_model_dir() == "/tmp/x"
