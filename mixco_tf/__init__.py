@@ -9,19 +9,28 @@ Public API:
     export_backbone: the backbone as a TF Serving SavedModel.
 """
 
-from mixco_tf import losses
-from mixco_tf.augment import AugmentConfig, two_view_dataset
-from mixco_tf.data import load_dataset
-from mixco_tf.export import export_backbone
-from mixco_tf.models import MixCo, build_backbone
+import importlib
 
-__all__ = [
-    "AugmentConfig",
-    "MixCo",
-    "build_backbone",
-    "export_backbone",
-    "load_dataset",
-    "losses",
-    "two_view_dataset",
-]
 __version__ = "0.1.0"
+
+# Names resolve on first use, so `python -m mixco_tf.train` can reject a bad config
+# before TensorFlow loads, and `python -m mixco_tf.export` does not find its own module
+# already imported by the package (runpy warns about that).
+_PUBLIC = {
+    "AugmentConfig": "mixco_tf.augment",
+    "MixCo": "mixco_tf.models",
+    "build_backbone": "mixco_tf.models",
+    "export_backbone": "mixco_tf.export",
+    "load_dataset": "mixco_tf.data",
+    "two_view_dataset": "mixco_tf.augment",
+}
+
+__all__ = sorted([*_PUBLIC, "losses"])
+
+
+def __getattr__(name):
+    if name == "losses":
+        return importlib.import_module("mixco_tf.losses")
+    if name in _PUBLIC:
+        return getattr(importlib.import_module(_PUBLIC[name]), name)
+    raise AttributeError(f"module 'mixco_tf' has no attribute {name!r}")

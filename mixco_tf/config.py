@@ -179,7 +179,7 @@ def load_yaml(path):
         except yaml.YAMLError as error:
             raise ValueError(f"Config file {path!r} is not valid YAML: {error}") from error
     if not isinstance(values, dict):
-        raise ValueError(f"Config file {path!r} must hold a mapping of keys to values, got {type(values).__name__}.")
+        raise ValueError(f"Config file {path!r} must contain a mapping of keys to values, got {type(values).__name__}.")
     return values
 
 

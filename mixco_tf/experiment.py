@@ -8,6 +8,7 @@ import dataclasses
 import json
 import logging
 import os
+import sys
 import time
 
 import keras
@@ -136,7 +137,9 @@ def run_experiment(config, evaluate=True):
     ]
     os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
     pretrain_started = time.time()
-    history = model.fit(train_views, epochs=config.epochs, callbacks=callbacks, verbose="auto", shuffle=False)
+    # A progress bar on a terminal, one line per epoch in a log file.
+    verbose = 1 if sys.stdout.isatty() else 2
+    history = model.fit(train_views, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
     pretrain_seconds = time.time() - pretrain_started
 
     export_base = os.path.join(model_dir, EXPORT_NAME)

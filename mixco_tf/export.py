@@ -20,13 +20,12 @@ import logging
 import numbers
 import os
 import shutil
-import sys
 import uuid
 from typing import Sequence
 
 import keras
 import tensorflow as tf
-from absl import app
+from absl import app, flags
 from absl import logging as absl_logging
 
 from mixco_tf.preprocess import resize_and_normalize
@@ -177,21 +176,88 @@ def _check_arguments(image_size, mean, std, version):
         )
 
 
-def main(argv):
-    """Logs that exporting from a run directory is not available and exits with status 2."""
-    del argv
-    # NOTE: exporting from a run directory is not implemented. It would rebuild the model
-    # from the run's config.yaml and load its checkpoint. `python -m mixco_tf.train`
-    # exports the backbone at the end of every run.
-    absl_logging.error(
-        "Exporting from a run directory is not implemented yet. `python -m mixco_tf.train` "
-        "exports the backbone to MODEL_DIR/export/backbone/1 at the end of a run."
+def export_run(model_dir, export_dir, *, version=1, overwrite=False):
+    """Exports the backbone of a finished or interrupted training run.
+
+    Rebuilds the model from `MODEL_DIR/config.yaml`, loads the weights of the last
+    completed epoch from `MODEL_DIR/checkpoints/mixco.weights.h5` and calls
+    `export_backbone` with the run's image size and the data set's mean and std.
+
+    Returns:
+        Path of the written version folder.
+
+    Raises:
+        ValueError: if the run directory lacks its config or checkpoint, or the
+            checkpoint does not match the config's model.
+    """
+    # Imported here because mixco_tf.experiment imports this module.
+    from mixco_tf import config as config_lib
+    from mixco_tf import experiment
+    from mixco_tf.data import load_dataset
+
+    config_path = os.path.join(model_dir, "config.yaml")
+    checkpoint_path = os.path.join(model_dir, "checkpoints", "mixco.weights.h5")
+    for path in (config_path, checkpoint_path):
+        if not os.path.isfile(path):
+            raise ValueError(
+                f"{path} not found. Pass --model_dir=a run directory of `python -m mixco_tf.train` "
+                "that completed at least one epoch."
+            )
+    config = config_lib.from_dict(config_lib.load_yaml(config_path), source=config_path).validate()
+    splits = load_dataset(config.dataset, config.data_dir)
+    model = experiment.build_model(config)
+    try:
+        model.load_weights(checkpoint_path)
+    except ValueError as error:
+        raise ValueError(
+            f"The checkpoint {checkpoint_path} does not match the model of {config_path} "
+            f"({config.backbone}, width {config.width_multiplier}, projection {config.projection_dim}): {error}"
+        ) from error
+    return export_backbone(
+        model.backbone,
+        export_dir,
+        image_size=config.image_size,
+        mean=splits.mean,
+        std=splits.std,
+        version=version,
+        overwrite=overwrite,
     )
-    sys.exit(2)
+
+
+def define_flags():
+    """Defines this command's flags; `model_dir` is also a flag of mixco_tf.train, so not at import."""
+    flags.DEFINE_string("model_dir", None, "Run directory of `python -m mixco_tf.train` (config.yaml, checkpoints/).")
+    flags.DEFINE_string(
+        "export_dir", None, "Base folder of the export (TF Serving base_path); the SavedModel goes to EXPORT_DIR/VERSION."
+    )
+    flags.DEFINE_integer("version", 1, "Version folder name, a positive integer.", lower_bound=1)
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing version folder.")
+
+
+def main(argv):
+    """Exports the backbone of --model_dir to --export_dir/--version."""
+    if len(argv) > 1:
+        raise app.UsageError(f"Unexpected positional arguments: {argv[1:]}. Pass options as flags: --key=value.")
+    if not flags.FLAGS.model_dir or not flags.FLAGS.export_dir:
+        absl_logging.error("Both --model_dir=RUN_DIR and --export_dir=BASE/NAME are required.")
+        return 2
+    try:
+        version_dir = export_run(
+            flags.FLAGS.model_dir,
+            flags.FLAGS.export_dir,
+            version=flags.FLAGS.version,
+            overwrite=flags.FLAGS.overwrite,
+        )
+    except ValueError as error:
+        absl_logging.error("%s", error)
+        return 2
+    print(version_dir)
+    return 0
 
 
 def run():
     """Console-script entry point of `mixco-export`."""
+    define_flags()
     app.run(main)
 
 

@@ -1,8 +1,8 @@
 """Contrastive losses of MoCo-v2 and MixCo as pure functions on tensors.
 
 All inputs are L2-normalized embeddings. Every loss casts its inputs to float32 and
-works in log-space (`log_softmax`), so it stays exact under a mixed-precision policy and
-at the small mix temperature (0.05), where `exp(logits)` would overflow float16.
+works in log-space (`log_softmax`), so it stays accurate under a mixed-precision policy
+and at the small mix temperature (0.05), where `exp(logits)` would overflow float16.
 """
 
 import tensorflow as tf
@@ -55,8 +55,20 @@ def info_nce(q, k, queue, temperature):
     Returns:
         float32 scalar, the mean over the batch.
     """
-    logits = moco_logits(q, k, queue, temperature)
-    targets = moco_targets(logits, queue is None)
+    return info_nce_from_logits(moco_logits(q, k, queue, temperature), queue is None)
+
+
+def info_nce_from_logits(logits, queue_is_none):
+    """Computes InfoNCE from `moco_logits`, for callers that also need the logits.
+
+    Args:
+        logits: float32 output of `moco_logits`.
+        queue_is_none: whether the logits were computed without a queue.
+
+    Returns:
+        float32 scalar, the mean over the batch.
+    """
+    targets = moco_targets(logits, queue_is_none)
     log_probs = tf.nn.log_softmax(logits, axis=-1)
     positive_log_probs = tf.gather(log_probs, targets, axis=1, batch_dims=1)
     return -tf.reduce_mean(positive_log_probs)

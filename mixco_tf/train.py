@@ -6,7 +6,7 @@
 Settings come from the built-in defaults (the digits setting), then `--config`, then
 individual flags: every key of `mixco_tf.config.Config` is a flag of the same name.
 
-A run directory holds `config.yaml`, `checkpoints/`, `backup/` (resume state while
+A run directory contains `config.yaml`, `checkpoints/`, `backup/` (resume state while
 training), `logs/` (TensorBoard), `history.csv`, `export/backbone/1/` (SavedModel) and
 `results.json`.
 """
@@ -60,7 +60,7 @@ def main(argv):
         logging.error("%s", error)
         sys.exit(2)
 
-    # Imported after validation so a bad config fails before TensorFlow loads.
+    # Imported after validation, so a bad config fails before TensorFlow loads.
     from mixco_tf import experiment
 
     results = experiment.run_experiment(config, evaluate=FLAGS.evaluate)

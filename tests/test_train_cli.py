@@ -51,6 +51,28 @@ def test_tiny_run_writes_results_and_export(tmp_path):
     assert any((model_dir / "checkpoints").iterdir())
     assert "linear_5shot_top1" in result.stdout
 
+    # The export CLI rebuilds the same backbone from the run directory.
+    exported = subprocess.run(
+        [sys.executable, "-m", "mixco_tf.export", f"--model_dir={model_dir}", f"--export_dir={tmp_path / 'again'}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert exported.returncode == 0, exported.stderr[-3000:]
+    assert (tmp_path / "again" / "1" / "saved_model.pb").is_file()
+    _assert_same_features(results["export_dir"], str(tmp_path / "again" / "1"))
+
+
+def _assert_same_features(first_dir, second_dir):
+    import numpy as np
+    import tensorflow as tf
+
+    images = tf.constant(np.random.default_rng(0).integers(0, 256, size=(3, 20, 20, 3)), tf.uint8)
+    first = tf.saved_model.load(first_dir).signatures["serving_default"](images=images)["features"]
+    second = tf.saved_model.load(second_dir).signatures["serving_default"](images=images)["features"]
+    np.testing.assert_allclose(first.numpy(), second.numpy(), rtol=1e-5, atol=1e-5)
+
 
 def test_flags_override_yaml(tmp_path):
     """A bad flag value beats a good YAML value, and the error names the flag's key."""
@@ -79,3 +101,16 @@ def test_missing_config_file_is_reported(tmp_path):
     result = _run_train([f"--config={tmp_path / 'nope.yaml'}"], timeout=120)
     assert result.returncode == 2
     assert "nope.yaml" in result.stderr
+
+
+def test_export_cli_rejects_missing_run(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "mixco_tf.export", f"--model_dir={tmp_path / 'none'}", f"--export_dir={tmp_path / 'out'}"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+    )
+    assert result.returncode == 2
+    assert "config.yaml not found" in result.stderr
+    assert not (tmp_path / "out").exists()

@@ -231,7 +231,7 @@ class MixCo(keras.Model):
             # 5. Contrast against the keys and the queue of older keys.
             queue = tf.convert_to_tensor(self.queue)
             logits = losses.moco_logits(q, k, queue, self.temperature)
-            moco_loss = losses.info_nce(q, k, queue, self.temperature)
+            moco_loss = losses.info_nce_from_logits(logits, queue_is_none=False)
             if use_mix:
                 q_mix = q_all[batch_size:]
                 mix_loss = losses.mix_contrast(q_mix, k, queue, lam, self.mix_temperature)

@@ -23,8 +23,14 @@ BLOCKS = {
 STEMS = ("imagenet", "cifar")
 _STAGE_WIDTHS = (64, 128, 256, 512)
 
-# torchvision initializes convolutions with kaiming_normal_(mode="fan_out", relu).
-_CONV_INIT = keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
+
+def _conv_initializer():
+    """Returns torchvision's kaiming_normal_(mode="fan_out", relu) initializer.
+
+    A new instance per layer: a Keras initializer draws its seed once, when created, so
+    sharing one instance would give every kernel of the same shape the same values.
+    """
+    return keras.initializers.VarianceScaling(scale=2.0, mode="fan_out", distribution="untruncated_normal")
 
 
 def _conv(filters, kernel_size, strides, name):
@@ -43,7 +49,7 @@ def _conv(filters, kernel_size, strides, name):
             strides=strides,
             padding=conv_padding,
             use_bias=False,
-            kernel_initializer=_CONV_INIT,
+            kernel_initializer=_conv_initializer(),
             name=name,
         )
     )

@@ -58,3 +58,23 @@ def test_projection_head_shapes():
     head = build_projection_head(512, 128)
     assert [layer.units for layer in head.layers if hasattr(layer, "units")] == [512, 128]
     assert head(np.zeros((3, 512), "float32")).shape == (3, 128)
+
+
+def test_kernels_of_equal_shape_differ():
+    """Regression: one shared initializer instance gave equal kernels the same values."""
+    backbone = build_backbone("resnet18", stem="cifar", width_multiplier=0.125)
+    first = backbone.get_layer("layer1_block0_conv2").kernel.numpy()
+    second = backbone.get_layer("layer1_block1_conv1").kernel.numpy()
+    assert first.shape == second.shape
+    assert not np.array_equal(first, second)
+
+
+def test_global_seed_fixes_initial_weights():
+    import keras
+
+    keras.utils.set_random_seed(7)
+    first = build_backbone("resnet18", stem="cifar", width_multiplier=0.125).get_weights()
+    keras.utils.set_random_seed(7)
+    second = build_backbone("resnet18", stem="cifar", width_multiplier=0.125).get_weights()
+    for a, b in zip(first, second):
+        np.testing.assert_array_equal(a, b)
