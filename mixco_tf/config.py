@@ -20,6 +20,23 @@ BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
 STRATEGIES = ("auto", "one_device")
 PRECISIONS = ("float32",)
+# Keys that may differ when a run resumes in an existing model_dir: where files are,
+# how long to train and how steps execute. Every other key shapes the model or the
+# optimization, so changing it mid-run would make the run's config.yaml false.
+RESUMABLE_KEYS = (
+    "data_dir",
+    "model_dir",
+    "epochs",
+    "strategy",
+    "cpu_devices",
+    "jit_compile",
+    "steps_per_execution",
+    "eval_batch_size",
+)
+
+
+class ConfigError(ValueError):
+    """An invalid setting found after parsing: against the data, the registry or a model_dir."""
 
 
 @dataclasses.dataclass
@@ -42,7 +59,7 @@ class Config:
     # Optimization: SGD with momentum, linear warm-up then cosine decay, per step.
     batch_size: int = 128
     epochs: int = 50
-    learning_rate: float = 0.06
+    learning_rate: float = 0.12
     warmup_epochs: int = 2
     weight_decay: float = 1e-4
     sgd_momentum: float = 0.9
@@ -50,7 +67,7 @@ class Config:
     # MoCo and MixCo.
     moco_momentum: float = 0.99
     queue_size: int = 256
-    temperature: float = 0.2
+    temperature: float = 0.1
     mix_temperature: float = 0.05
     mix_weight: float = 1.0
     key_bn_splits: int = 8
@@ -181,6 +198,30 @@ def load_yaml(path):
     if not isinstance(values, dict):
         raise ValueError(f"Config file {path!r} must contain a mapping of keys to values, got {type(values).__name__}.")
     return values
+
+
+def changed_keys(saved_values, config):
+    """Lists the keys whose value in `config` differs from a saved config.yaml mapping.
+
+    Args:
+        saved_values: the mapping of a previous run's config.yaml. Keys this version no
+            longer defines are ignored, and missing keys count as their default.
+        config: the new `Config`.
+
+    Returns:
+        `[(key, saved_value, new_value), ...]` for the keys outside `RESUMABLE_KEYS`
+        that differ, sorted by key.
+    """
+    defaults = Config().to_dict()
+    new_values = config.to_dict()
+    changes = []
+    for key in sorted(new_values):
+        if key in RESUMABLE_KEYS:
+            continue
+        saved = saved_values.get(key, defaults[key])
+        if saved != new_values[key]:
+            changes.append((key, saved, new_values[key]))
+    return changes
 
 
 def _convert(name, value, expected_type, source):
