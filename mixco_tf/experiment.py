@@ -4,6 +4,7 @@
 scripts can call it directly.
 """
 
+import csv
 import dataclasses
 import json
 import logging
@@ -12,11 +13,14 @@ import sys
 import time
 
 import keras
+import numpy as np
 import tensorflow as tf
 import yaml
 
-from mixco_tf import augment, evaluation, export
-from mixco_tf.data import load_dataset
+from mixco_tf import augment, checkpointing, evaluation, export
+from mixco_tf import config as config_lib
+from mixco_tf.config import ConfigError
+from mixco_tf.data import available_datasets, load_dataset
 from mixco_tf.models import MixCo, build_backbone
 
 logger = logging.getLogger(__name__)
@@ -76,50 +80,55 @@ def build_optimizer(config, steps_per_epoch):
     return keras.optimizers.SGD(learning_rate=schedule, momentum=config.sgd_momentum)
 
 
-def run_experiment(config, evaluate=True):
+def run_experiment(config, evaluate=True, overwrite=False):
     """Pretrains, exports and evaluates; writes MODEL_DIR/results.json and returns it.
+
+    A `model_dir` that contains the backup of an interrupted run resumes it after the last
+    completed epoch, with every weight, the optimizer state and the random-generator
+    state restored. A `model_dir` whose run finished all `config.epochs` epochs is not
+    trained again: its results.json is returned. With a larger `epochs`, a finished run
+    continues from its last epoch, and the cosine schedule is then computed over the new
+    total number of steps.
 
     Args:
         config: a validated `mixco_tf.config.Config`.
         evaluate: whether to run the linear, 5-shot and kNN protocols on the exported
             backbone and on a randomly initialised copy.
+        overwrite: delete the outputs of a previous run in `model_dir` first and train
+            from scratch.
 
     Returns:
         The results dict written to `results.json`.
+
+    Raises:
+        mixco_tf.config.ConfigError: before any training, if the data set is unknown,
+            smaller than one batch, or `model_dir` belongs to a run with another config.
+        mixco_tf.checkpointing.CheckpointError: if the backup in `model_dir` is
+            unreadable or does not fit the model.
+        mixco_tf.checkpointing.NonFiniteLossError: at the first NaN or infinite loss;
+            the checkpoint of the last completed epoch stays on disk.
+        mixco_tf.checkpointing.TrainingInterrupted: after SIGINT or SIGTERM during
+            training, with the last completed epoch saved.
     """
     started = time.time()
     model_dir = config.resolved_model_dir()
-    os.makedirs(model_dir, exist_ok=True)
     config = _with_model_dir(config, model_dir)
-    with open(os.path.join(model_dir, "config.yaml"), "w", encoding="utf-8") as stream:
-        yaml.safe_dump(config.to_dict(), stream, sort_keys=False)
-    logger.info("Run directory: %s", os.path.abspath(model_dir))
+    _check_dataset_name(config)
+    if overwrite:
+        checkpointing.clear_run(model_dir)
+    state = _read_resumable_state(config, model_dir)
+    finished = _finished_results(config, model_dir, state)
+    if finished is not None:
+        return finished
 
+    os.makedirs(model_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     splits = load_dataset(config.dataset, config.data_dir)
-    steps_per_epoch = splits.num_train // config.batch_size
-    if steps_per_epoch < 1:
-        raise ValueError(
-            f"batch_size={config.batch_size} is larger than the {splits.num_train} training "
-            f"images of {config.dataset}. Lower batch_size."
-        )
-    train_views = augment.two_view_dataset(
-        splits.train,
-        image_size=config.image_size,
-        mean=splits.mean,
-        std=splits.std,
-        batch_size=config.batch_size,
-        config=augment_config(config),
-        seed=config.seed,
+    steps_per_epoch = _check_data_fits_config(config, splits)
+    checkpointing.write_text_atomically(
+        os.path.join(model_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
     )
-    logger.info(
-        "Pretraining %s on %s: %d images, %d steps per epoch, %d epochs.",
-        config.method,
-        config.dataset,
-        splits.num_train,
-        steps_per_epoch,
-        config.epochs,
-    )
+    logger.info("Run directory: %s", os.path.abspath(model_dir))
 
     model = build_model(config)
     model.compile(
@@ -127,19 +136,36 @@ def run_experiment(config, evaluate=True):
         jit_compile=config.jit_compile,
         steps_per_execution=config.steps_per_execution,
     )
-    callbacks = [
-        keras.callbacks.BackupAndRestore(os.path.join(model_dir, "backup")),
-        keras.callbacks.ModelCheckpoint(
-            os.path.join(model_dir, "checkpoints", "mixco.weights.h5"), save_weights_only=True
-        ),
-        keras.callbacks.CSVLogger(os.path.join(model_dir, "history.csv")),
-        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
-    ]
-    os.makedirs(os.path.join(model_dir, "checkpoints"), exist_ok=True)
+    # Creates the slot variables and the iteration count now, in the same order on a
+    # fresh start and on a resume, so that a backup loads into existing variables.
+    model.optimizer.build(model.trainable_variables)
+    start_epoch = 0
+    if state is not None:
+        checkpointing.restore_training_state(model, model_dir, state)
+        start_epoch = state["epoch"]
+        checkpointing.truncate_history(model_dir, start_epoch)
+        logger.info("Resuming after epoch %d of %d.", start_epoch, config.epochs)
+
+    train_views = augment.two_view_dataset(
+        splits.train,
+        image_size=config.image_size,
+        mean=splits.mean,
+        std=splits.std,
+        batch_size=config.batch_size,
+        config=augment_config(config),
+        seed=pipeline_seed(config.seed, start_epoch),
+    )
+    logger.info(
+        "Pretraining %s on %s: %d images, %d steps per epoch, epochs %d to %d.",
+        config.method,
+        config.dataset,
+        splits.num_train,
+        steps_per_epoch,
+        start_epoch + 1,
+        config.epochs,
+    )
     pretrain_started = time.time()
-    # A progress bar on a terminal, one line per epoch in a log file.
-    verbose = 1 if sys.stdout.isatty() else 2
-    history = model.fit(train_views, epochs=config.epochs, callbacks=callbacks, verbose=verbose, shuffle=False)
+    history = _fit(model, train_views, config, model_dir, start_epoch)
     pretrain_seconds = time.time() - pretrain_started
 
     export_base = os.path.join(model_dir, EXPORT_NAME)
@@ -159,8 +185,9 @@ def run_experiment(config, evaluate=True):
         "dataset": config.dataset,
         "num_train_examples": splits.num_train,
         "num_test_examples": splits.num_test,
-        "epochs_completed": len(history.epoch),
-        "final_metrics": {name: float(values[-1]) for name, values in history.history.items()},
+        "epochs_completed": start_epoch + (len(history.epoch) if history is not None else 0),
+        "resumed_from_epoch": start_epoch if state is not None else None,
+        "final_metrics": _final_metrics(history, model_dir),
         "export_dir": export_dir,
         "pretrain_seconds": round(pretrain_seconds, 1),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
@@ -193,6 +220,176 @@ def run_experiment(config, evaluate=True):
     return results
 
 
+def pipeline_seed(seed, start_epoch):
+    """Returns the data-pipeline seed of a run that starts at `start_epoch`.
+
+    A fresh run uses `seed` itself. A resumed run derives a new seed from both values,
+    so that it draws new shuffle orders and views instead of replaying those of epoch 1.
+    """
+    if start_epoch == 0:
+        return seed
+    return int(np.random.SeedSequence([seed, start_epoch]).generate_state(1)[0])
+
+
+def _fit(model, train_views, config, model_dir, start_epoch):
+    """Runs `model.fit` from `start_epoch` with the checkpoint, guard and log callbacks.
+
+    Returns the `History`, or None when the backup already contains all `config.epochs`.
+    """
+    if start_epoch >= config.epochs:
+        logger.info("All %d epochs are in the backup; skipping to the export.", config.epochs)
+        return None
+    interrupt_guard = checkpointing.InterruptGuard()
+    callbacks = [
+        # First, so that a NaN step stops the run before any other callback receives its logs.
+        checkpointing.NonFiniteLossGuard(
+            likely_causes=_likely_nan_causes(config),
+            last_checkpoint=lambda: _describe_last_checkpoint(model_dir),
+        ),
+        interrupt_guard,
+        # Appends on resume; truncate_history already removed rows of unsaved epochs.
+        keras.callbacks.CSVLogger(
+            os.path.join(model_dir, checkpointing.HISTORY_FILE), append=start_epoch > 0
+        ),
+        keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+        # Last, because its backup marks the epoch as done: an epoch's history row is
+        # then always written before the backup that a resumed run starts from.
+        checkpointing.EpochCheckpoint(model_dir),
+    ]
+    # A progress bar on a terminal, one line per epoch in a log file.
+    verbose = 1 if sys.stdout.isatty() else 2
+    with interrupt_guard:
+        return model.fit(
+            train_views,
+            initial_epoch=start_epoch,
+            epochs=config.epochs,
+            callbacks=callbacks,
+            verbose=verbose,
+            shuffle=False,
+        )
+
+
+def _check_dataset_name(config):
+    names = available_datasets()
+    if config.dataset not in names:
+        raise ConfigError(
+            f"Invalid config value dataset={config.dataset!r}: expected one of {list(names)}. "
+            "Fix the spelling, or register a loader with mixco_tf.data.register_dataset."
+        )
+
+
+def _read_resumable_state(config, model_dir):
+    """Returns the backup state of `model_dir`, or None; rejects a run of another config."""
+    state = checkpointing.read_training_state(model_dir)
+    results_path = os.path.join(model_dir, "results.json")
+    if state is None and not os.path.isfile(results_path):
+        # A config.yaml without a backup is from a run that stopped before its first
+        # epoch ended; there is nothing to resume, so it is replaced.
+        return None
+    config_path = os.path.join(model_dir, "config.yaml")
+    saved = config_lib.load_yaml(config_path) if os.path.isfile(config_path) else {}
+    changes = config_lib.changed_keys(saved, config)
+    if changes:
+        listed = "; ".join(f"{key}: {old!r} -> {new!r}" for key, old, new in changes)
+        raise ConfigError(
+            f"model_dir={model_dir!r} contains a run made with another config ({listed}). A run "
+            f"resumes only with the same values; of its keys only {list(config_lib.RESUMABLE_KEYS)} "
+            "may change. Pass a new --model_dir, or --overwrite to delete that run's outputs "
+            "and train from scratch."
+        )
+    if state is not None and config.epochs < state["epoch"]:
+        raise ConfigError(
+            f"Invalid config value epochs={config.epochs}: the run in {model_dir} already "
+            f"completed {state['epoch']} epochs. Pass --epochs={state['epoch']} or more, or a "
+            "new --model_dir."
+        )
+    return state
+
+
+def _finished_results(config, model_dir, state):
+    """Returns the results.json of a run that already trained `config.epochs` epochs, else None."""
+    results_path = os.path.join(model_dir, "results.json")
+    if not os.path.isfile(results_path):
+        return None
+    with open(results_path, encoding="utf-8") as stream:
+        results = json.load(stream)
+    completed = state["epoch"] if state is not None else results.get("epochs_completed", 0)
+    if config.epochs > completed and state is None:
+        raise ConfigError(
+            f"Invalid config value epochs={config.epochs}: the finished run in {model_dir} "
+            f"trained {completed} epochs and has no backup to continue from. Pass "
+            f"--epochs={completed}, a new --model_dir, or --overwrite to train from scratch."
+        )
+    if config.epochs > completed:
+        return None
+    logger.info(
+        "The run in %s already finished %d epochs; returning its results.json without "
+        "training. Pass a larger --epochs to continue it, a new --model_dir, or --overwrite "
+        "to train again from scratch.",
+        model_dir,
+        completed,
+    )
+    return results
+
+
+def _check_data_fits_config(config, splits):
+    """Returns the steps per epoch; rejects a batch larger than the data, warns on the queue."""
+    steps_per_epoch = splits.num_train // config.batch_size
+    if steps_per_epoch < 1:
+        raise ConfigError(
+            f"Invalid config value batch_size={config.batch_size}: it is larger than the "
+            f"{splits.num_train} training images of {config.dataset}. Lower batch_size."
+        )
+    # Each epoch uses steps_per_epoch * batch_size images. A queue holding more keys
+    # than the other images of an epoch contains older keys of the current batch's own
+    # images, which then act as negatives of themselves.
+    queue_limit = steps_per_epoch * config.batch_size - config.batch_size
+    if config.queue_size > queue_limit:
+        logger.warning(
+            "queue_size=%d is larger than the training set minus one batch (%d = %d images "
+            "used per epoch - batch_size %d), so the queue holds older keys of the same "
+            "images as negatives. Set queue_size to at most %d.",
+            config.queue_size,
+            queue_limit,
+            steps_per_epoch * config.batch_size,
+            config.batch_size,
+            queue_limit,
+        )
+    return steps_per_epoch
+
+
+def _likely_nan_causes(config):
+    return (
+        f"learning_rate={config.learning_rate} too high, temperature={config.temperature} or "
+        f"mix_temperature={config.mix_temperature} too small, or input images with NaN or "
+        "infinite values."
+    )
+
+
+def _describe_last_checkpoint(model_dir):
+    state = checkpointing.read_training_state(model_dir)
+    if state is None:
+        return "No epoch completed, so there is no checkpoint to resume from."
+    return (
+        f"The checkpoint of epoch {state['epoch']} in {os.path.join(model_dir, checkpointing.BACKUP_DIR)} "
+        "is intact; fix the setting and rerun with the same --model_dir to resume from it."
+    )
+
+
+def _final_metrics(history, model_dir):
+    """Returns the last epoch's metrics, from history.csv when this call trained no epoch."""
+    if history is not None and history.epoch:
+        return {name: float(values[-1]) for name, values in history.history.items()}
+    path = os.path.join(model_dir, checkpointing.HISTORY_FILE)
+    if not os.path.isfile(path):
+        return {}
+    with open(path, encoding="utf-8") as stream:
+        rows = list(csv.DictReader(stream))
+    if not rows:
+        return {}
+    return {name: float(value) for name, value in rows[-1].items() if name != "epoch"}
+
+
 def print_summary(results):
     """Prints the evaluation table of a run to stdout."""
     lines = [f"Run finished: {results['epochs_completed']} epochs in {results['pretrain_seconds']} s of pretraining."]
@@ -211,7 +408,4 @@ def _with_model_dir(config, model_dir):
 
 
 def _write_json_atomically(path, payload):
-    temporary = f"{path}.tmp"
-    with open(temporary, "w", encoding="utf-8") as stream:
-        json.dump(payload, stream, indent=2)
-    os.replace(temporary, path)
+    checkpointing.write_text_atomically(path, json.dumps(payload, indent=2))

@@ -6,9 +6,14 @@
 Settings come from the built-in defaults (the digits setting), then `--config`, then
 individual flags: every key of `mixco_tf.config.Config` is a flag of the same name.
 
-A run directory contains `config.yaml`, `checkpoints/`, `backup/` (resume state while
-training), `logs/` (TensorBoard), `history.csv`, `export/backbone/1/` (SavedModel) and
-`results.json`.
+A run directory contains `config.yaml`, `checkpoints/`, `backup/` (the training state
+of the last completed epoch), `logs/` (TensorBoard), `history.csv`,
+`export/backbone/1/` (SavedModel) and `results.json`.
+
+Rerunning a command with the same `--model_dir` resumes an interrupted run after its
+last completed epoch, and returns at once for a finished one. Exit codes: 2 for an
+invalid config, a `--model_dir` of another config or an unreadable backup, 3 when the
+loss became NaN or infinite, 130 after Ctrl-C (SIGINT) and 143 after SIGTERM.
 """
 
 import sys
@@ -21,6 +26,17 @@ FLAGS = flags.FLAGS
 
 flags.DEFINE_string("config", None, "YAML file of config keys; flags given on the command line override it.")
 flags.DEFINE_boolean("evaluate", True, "Evaluate the exported backbone and a random-init copy at the end of the run.")
+flags.DEFINE_boolean(
+    "overwrite",
+    False,
+    "Delete the outputs of a previous run in --model_dir (config.yaml, backup/, checkpoints/, "
+    "history.csv, logs/, export/, results.json) and train from scratch. Without it, a "
+    "--model_dir with a backup resumes that run.",
+)
+
+# Exit codes besides 0 and absl's 1 for an uncaught exception.
+EXIT_INVALID_CONFIG = 2
+EXIT_NON_FINITE_LOSS = 3
 
 
 def _define_config_flags():
@@ -58,12 +74,30 @@ def main(argv):
         config = resolve_config()
     except ValueError as error:
         logging.error("%s", error)
-        sys.exit(2)
+        sys.exit(EXIT_INVALID_CONFIG)
 
     # Imported after validation, so a bad config fails before TensorFlow loads.
-    from mixco_tf import experiment
+    from mixco_tf import checkpointing, experiment
 
-    results = experiment.run_experiment(config, evaluate=FLAGS.evaluate)
+    resume_hint = (
+        f"Rerun the same command with --model_dir={config.model_dir} to resume from the last completed epoch."
+        if config.model_dir
+        else "Rerun with --model_dir=<the run directory logged above> to resume from the last completed epoch."
+    )
+    try:
+        results = experiment.run_experiment(config, evaluate=FLAGS.evaluate, overwrite=FLAGS.overwrite)
+    except (config_lib.ConfigError, checkpointing.CheckpointError) as error:
+        logging.error("%s", error)
+        sys.exit(EXIT_INVALID_CONFIG)
+    except checkpointing.NonFiniteLossError as error:
+        logging.error("Training stopped: %s", error)
+        sys.exit(EXIT_NON_FINITE_LOSS)
+    except checkpointing.TrainingInterrupted as error:
+        logging.warning("%s %s", error, resume_hint)
+        sys.exit(128 + error.signal_number)
+    except KeyboardInterrupt:
+        logging.warning("Interrupted. %s", resume_hint)
+        sys.exit(130)
     experiment.print_summary(results)
 
 

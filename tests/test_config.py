@@ -98,3 +98,29 @@ def test_load_yaml_errors(tmp_path):
 def test_model_dir_default_names_dataset():
     assert config_lib.Config(dataset="digits").resolved_model_dir().startswith("runs/digits-")
     assert config_lib.Config(model_dir="/tmp/x").resolved_model_dir() == "/tmp/x"
+
+
+def test_changed_keys_ignores_resumable_keys():
+    saved = config_lib.Config(epochs=10, eval_batch_size=64, model_dir="runs/a").to_dict()
+    config = config_lib.Config(epochs=20, eval_batch_size=128, model_dir="runs/b")
+
+    assert config_lib.changed_keys(saved, config) == []
+
+
+def test_changed_keys_lists_model_keys():
+    saved = config_lib.Config(backbone="resnet18", queue_size=256, learning_rate=0.06).to_dict()
+    config = config_lib.Config(backbone="resnet34", queue_size=512, learning_rate=0.1)
+
+    assert config_lib.changed_keys(saved, config) == [
+        ("backbone", "resnet18", "resnet34"),
+        ("learning_rate", 0.06, 0.1),
+        ("queue_size", 256, 512),
+    ]
+
+
+def test_changed_keys_treats_missing_as_default():
+    saved = config_lib.Config().to_dict()
+    del saved["flip_prob"]
+    saved["retired_key"] = 1
+
+    assert config_lib.changed_keys(saved, config_lib.Config()) == []
