@@ -9,7 +9,7 @@ README = pathlib.Path(__file__).parent / "README.md"
 setuptools.setup(
     name="mixco-tf",
     version="0.1.0",
-    description="MixCo: mix-up contrastive learning (MoCo-v2 and SimCLR) in Keras 3 / TensorFlow",
+    description="MixCo: mix-up contrastive learning on MoCo-v2, in Keras 3 / TensorFlow",
     long_description=README.read_text(encoding="utf-8") if README.exists() else "",
     long_description_content_type="text/markdown",
     license="Apache-2.0",

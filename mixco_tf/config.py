@@ -142,6 +142,17 @@ class Config:
                 self.key_bn_splits,
                 f"a divisor of batch_size={self.batch_size} (split BatchNorm needs equal groups)",
             )
+        # NumPy seeds must fit in 32 bits, and the random-init baseline uses seed + 1.
+        if not 0 <= self.seed < 2**32 - 1:
+            _fail("seed", self.seed, f"an integer in [0, {2**32 - 2}]")
+        if self.model_dir and os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
+            _fail("model_dir", self.model_dir, "a folder (this path is a file); pick a new folder name")
+        if self.method == "moco" and self.mix_weight != 0:
+            _fail(
+                "mix_weight",
+                self.mix_weight,
+                "0 with method=moco (plain MoCo-v2 has no mix loss); use method=mixco to weight the mix loss",
+            )
         if self.queue_size < self.batch_size:
             _fail("queue_size", self.queue_size, f"at least batch_size={self.batch_size}")
         return self
@@ -183,6 +194,9 @@ def from_dict(values, source="config"):
             f"Unknown key(s) {unknown} in {source}. Valid keys: {sorted(types)}. Check the spelling."
         )
     converted = {name: _convert(name, value, types[name], source) for name, value in values.items()}
+    if converted.get("method") == "moco" and "mix_weight" not in converted:
+        # Plain MoCo-v2 trains without the mix loss, so record mix_weight 0, not MixCo's default.
+        converted["mix_weight"] = 0.0
     return Config(**converted)
 
 

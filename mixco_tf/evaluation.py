@@ -90,7 +90,16 @@ def extract_features(
 
     if not feature_batches:
         raise ValueError("The dataset yielded no batches, so there are no features to extract.")
-    return np.concatenate(feature_batches), np.concatenate(label_batches)
+    features = np.concatenate(feature_batches)
+    non_finite_rows = int(np.sum(~np.all(np.isfinite(features), axis=1)))
+    if non_finite_rows:
+        logger.warning(
+            "%d of %d feature vectors contain NaN or infinite values, so the accuracies will be "
+            "near chance. The backbone's weights have probably diverged.",
+            non_finite_rows,
+            len(features),
+        )
+    return features, np.concatenate(label_batches)
 
 
 def linear_probe(

@@ -82,11 +82,13 @@ def export_backbone(
     version_dir = os.path.join(export_dir, str(version))
     if os.path.exists(version_dir) and not overwrite:
         raise ValueError(
-            f"Export folder {version_dir} already exists. Pass overwrite=True to replace it "
+            f"Export folder {version_dir} already exists. Pass overwrite=True (--overwrite on the command line) to replace it "
             "or choose another version."
         )
     feature_dim = _feature_dim(backbone, image_size)
 
+    if os.path.exists(export_dir) and not os.path.isdir(export_dir):
+        raise ValueError(f"Export folder {export_dir} is a file. Choose a folder path for the export.")
     os.makedirs(export_dir, exist_ok=True)
     # os.mkdir honours the umask, unlike tempfile.mkdtemp (mode 0700), so a server
     # running as another user can read the renamed folder.

@@ -60,8 +60,13 @@ def check_saved_model_dir(path):
     """Returns an error message when `path` is not a SavedModel folder, else None."""
     if not path:
         return "Missing --saved_model. Pass the version folder of an export, e.g. --saved_model=EXPORT_BASE/1."
+    if os.path.isfile(path):
+        return f"{path} is a file, not a SavedModel folder. Pass the version folder written by the export, e.g. EXPORT_BASE/1."
     if not os.path.isdir(path):
         return f"SavedModel folder {path} not found. Pass the version folder written by the export, e.g. EXPORT_BASE/1."
+    run_export = os.path.join(path, "export", "backbone", "1")
+    if os.path.isfile(os.path.join(run_export, "saved_model.pb")):
+        return f"{path} is a training run directory. Pass its exported backbone: --saved_model={run_export}."
     if not os.path.isfile(os.path.join(path, "saved_model.pb")):
         return (
             f"{path} contains no saved_model.pb, so it is not a SavedModel. If it is the export base "

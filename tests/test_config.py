@@ -124,3 +124,26 @@ def test_changed_keys_treats_missing_as_default():
     saved["retired_key"] = 1
 
     assert config_lib.changed_keys(saved, config_lib.Config()) == []
+
+
+@pytest.mark.parametrize("seed", [-1, 2**32])
+def test_out_of_range_seed_is_rejected(seed):
+    with pytest.raises(ValueError, match="seed"):
+        dataclasses.replace(config_lib.Config(), seed=seed).validate()
+
+
+def test_model_dir_that_is_a_file_is_rejected(tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match="model_dir"):
+        dataclasses.replace(config_lib.Config(), model_dir=str(path)).validate()
+
+
+def test_moco_records_zero_mix_weight():
+    config = config_lib.from_dict({"method": "moco"}).validate()
+    assert config.mix_weight == 0.0
+
+
+def test_moco_with_mix_weight_is_a_conflict():
+    with pytest.raises(ValueError, match="mix_weight"):
+        config_lib.from_dict({"method": "moco", "mix_weight": 0.5}).validate()

@@ -234,3 +234,10 @@ def test_export_loads_without_mixco_tf(backbone, exported, tmp_path):
         np.testing.assert_allclose(features, expected, atol=1e-4, err_msg=name)
     for name in ("saved_model_batch1", "tfsm_layer_batch1"):
         np.testing.assert_allclose(np.load(tmp_path / f"{name}.npy"), expected[:1], atol=1e-4, err_msg=name)
+
+
+def test_export_dir_that_is_a_file_raises(backbone, tmp_path):
+    path = tmp_path / "afile"
+    path.write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file"):
+        export.export_backbone(backbone, str(path), image_size=IMAGE_SIZE, mean=MEAN, std=STD)

@@ -92,3 +92,17 @@ def test_cli_unknown_protocol_fails(saved_model_dir, tmp_path):
 def test_default_output_path():
     path = linear_eval.default_output_path(os.path.join("exports", "backbone", "3"), "digits")
     assert path == os.path.abspath(os.path.join("exports", "backbone", "linear_eval_digits_v3.json"))
+
+
+def test_check_saved_model_dir_names_file_and_run_dir(tmp_path):
+    from mixco_tf import linear_eval
+
+    checkpoint = tmp_path / "mixco.weights.h5"
+    checkpoint.write_bytes(b"")
+    assert "is a file" in linear_eval.check_saved_model_dir(str(checkpoint))
+
+    run_export = tmp_path / "run" / "export" / "backbone" / "1"
+    run_export.mkdir(parents=True)
+    (run_export / "saved_model.pb").write_bytes(b"")
+    message = linear_eval.check_saved_model_dir(str(tmp_path / "run"))
+    assert f"--saved_model={run_export}" in message
