@@ -405,7 +405,7 @@ def two_view_dataset(
         elif shuffle_buffer is None:
             shuffle_buffer = DEFAULT_SHUFFLE_BUFFER
             logger.info(
-                "Dataset size is unknown, so the shuffle buffer holds %d images.", shuffle_buffer
+                "Dataset size is unknown, so the shuffle buffer contains %d images.", shuffle_buffer
             )
         images = images.shuffle(shuffle_buffer, seed=shuffle_seed, reshuffle_each_iteration=True)
 

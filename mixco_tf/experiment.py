@@ -65,7 +65,13 @@ def build_model(config):
 
 
 def build_optimizer(config, steps_per_epoch):
-    """SGD with momentum and a per-step schedule: linear warm-up, then cosine decay to 0."""
+    """Builds SGD with momentum on the schedule of `build_learning_rate_schedule`."""
+    schedule = build_learning_rate_schedule(config, steps_per_epoch)
+    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.sgd_momentum)
+
+
+def build_learning_rate_schedule(config, steps_per_epoch):
+    """Builds the per-step schedule: linear warm-up from 0, then cosine decay to 0."""
     total_steps = config.epochs * steps_per_epoch
     warmup_steps = min(config.warmup_epochs * steps_per_epoch, total_steps - 1)
     if warmup_steps > 0:
@@ -77,7 +83,7 @@ def build_optimizer(config, steps_per_epoch):
         )
     else:
         schedule = keras.optimizers.schedules.CosineDecay(config.learning_rate, decay_steps=total_steps)
-    return keras.optimizers.SGD(learning_rate=schedule, momentum=config.sgd_momentum)
+    return schedule
 
 
 def run_experiment(config, evaluate=True, overwrite=False):

@@ -58,3 +58,24 @@ def test_pipeline_seed_changes_on_resume():
     assert len(resumed) == 3
     assert 5 not in resumed
     assert experiment.pipeline_seed(5, 2) == experiment.pipeline_seed(5, 2)
+
+
+@pytest.mark.parametrize("warmup_epochs", [0, 2])
+def test_learning_rate_schedule_matches_numpy(warmup_epochs):
+    """Linear warm-up from 0 to the peak, then a cosine to 0, per optimizer step."""
+    import numpy as np
+
+    config = dataclasses.replace(Config(), epochs=5, learning_rate=0.3, warmup_epochs=warmup_epochs)
+    steps_per_epoch = 4
+    total = config.epochs * steps_per_epoch
+    warmup = warmup_epochs * steps_per_epoch
+    schedule = experiment.build_learning_rate_schedule(config, steps_per_epoch)
+
+    def numpy_learning_rate(step):
+        if step < warmup:
+            return 0.3 * step / warmup
+        progress = (step - warmup) / (total - warmup)
+        return 0.3 * 0.5 * (1.0 + np.cos(np.pi * progress))
+
+    for step in range(total + 1):
+        np.testing.assert_allclose(float(schedule(step)), numpy_learning_rate(step), rtol=1e-5, atol=1e-7)

@@ -94,7 +94,7 @@ def test_default_output_path():
     assert path == os.path.abspath(os.path.join("exports", "backbone", "linear_eval_digits_v3.json"))
 
 
-def test_check_saved_model_dir_names_file_and_run_dir(tmp_path):
+def test_saved_model_check_hints(tmp_path):
     from mixco_tf import linear_eval
 
     checkpoint = tmp_path / "mixco.weights.h5"

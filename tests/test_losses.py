@@ -113,7 +113,7 @@ def test_mix_targets_layout():
     np.testing.assert_allclose(targets.sum(axis=1), 1.0, atol=1e-6)
 
 
-def test_mix_contrast_with_lam_one_is_info_nce_on_first_half():
+def test_mix_contrast_lam_one():
     """With lam = 1 every mixed image is its first source, so the loss is plain InfoNCE
     of those queries against all B keys (no queue) with the positive at column i."""
     rng = np.random.default_rng(3)
