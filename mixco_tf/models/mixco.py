@@ -224,9 +224,11 @@ class MixCo(keras.Model):
             q_all = self.encode_queries(query_inputs, training=True)
             q = q_all[:batch_size]
 
-            # 3-4. Momentum update, then keys from the updated key encoder.
-            self.update_key_encoder()
-            k = self.encode_keys(view_k)
+            # 3-4. Momentum update, then keys from the updated key encoder. Neither needs
+            # gradients, so the tape does not record them (less memory per step).
+            with tape.stop_recording():
+                self.update_key_encoder()
+                k = self.encode_keys(view_k)
 
             # 5. Contrast against the keys and the queue of older keys.
             queue = tf.convert_to_tensor(self.queue)
