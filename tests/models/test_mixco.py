@@ -236,3 +236,20 @@ def test_config_round_trip():
     clone = MixCo.from_config(model.get_config())
     assert clone.get_config() == model.get_config()
     assert clone.queue.shape == (40, 8)
+
+
+def test_keras_file_round_trip(tmp_path):
+    """A `.keras` file restores every weight: encoders, queue and pointer."""
+    model = _model()
+    model.fit(_dataset(*_views(1)), epochs=1, verbose=0)
+    path = tmp_path / "mixco.keras"
+
+    model.save(path)
+    restored = keras.models.load_model(path)
+
+    assert isinstance(restored, MixCo)
+    assert restored.get_config() == model.get_config()
+    assert int(restored.queue_pointer.numpy()) == int(model.queue_pointer.numpy()) == BATCH
+    np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
+    for original, loaded in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(original.numpy(), loaded.numpy(), err_msg=original.path)
