@@ -1,6 +1,6 @@
 """Split BatchNorm: the single-device stand-in for MoCo's Shuffle-BN.
 
-A key encoder whose BatchNorm sees the whole batch can "cheat": the batch statistics
+A key encoder whose BatchNorm normalizes over the whole batch can "cheat": the batch statistics
 leak which samples share a mini-batch, and the query/key pair finds its match through
 them instead of through content. MoCo shuffles the keys across GPUs so each GPU's
 statistics come from a different subset of the batch. On one device, normalizing each of

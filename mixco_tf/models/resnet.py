@@ -1,7 +1,7 @@
 """ResNet-18/34/50 backbones in the torchvision layout, as Keras functional models.
 
 The layout follows `torchvision.models.resnet` (v1.5: the stride of a bottleneck sits on
-its 3x3 convolution), with symmetric padding written out so every stride-2 layer sees
+its 3x3 convolution), with symmetric padding written out so every stride-2 layer reads
 the same pixels as in PyTorch (Keras's `padding="same"` pads more on the bottom/right).
 The classifier is dropped: the output is the globally average-pooled feature vector.
 

@@ -146,8 +146,8 @@ def test_enqueue_wraps_around():
     assert int(model.queue_pointer.numpy()) == 1
 
 
-def test_zero_mix_weight_runs_no_mixed_forward_pass(monkeypatch):
-    model = _model(mix_weight=0.0)
+def _record_query_batch_sizes(model, monkeypatch):
+    """Wraps `model.encode_queries` to record the batch size of each traced call."""
     query_batch_sizes = []
     encode_queries = model.encode_queries
 
@@ -155,10 +155,16 @@ def test_zero_mix_weight_runs_no_mixed_forward_pass(monkeypatch):
         query_batch_sizes.append(images.shape[0])
         return encode_queries(images, training=training)
 
+    monkeypatch.setattr(model, "encode_queries", recording_encode_queries)
+    return query_batch_sizes
+
+
+def test_zero_mix_weight_runs_no_mixed_forward_pass(monkeypatch):
+    model = _model(mix_weight=0.0)
+    query_batch_sizes = _record_query_batch_sizes(model, monkeypatch)
     def forbidden_mix(images):
         raise AssertionError("mix() must not run with mix_weight=0")
 
-    monkeypatch.setattr(model, "encode_queries", recording_encode_queries)
     monkeypatch.setattr(model, "mix", forbidden_mix)
 
     history = model.fit(_dataset(*_views(2)), epochs=1, verbose=0)
@@ -170,14 +176,7 @@ def test_zero_mix_weight_runs_no_mixed_forward_pass(monkeypatch):
 
 def test_mixco_forwards_one_and_a_half_batches(monkeypatch):
     model = _model(mix_weight=1.0)
-    query_batch_sizes = []
-    encode_queries = model.encode_queries
-
-    def recording_encode_queries(images, training=True):
-        query_batch_sizes.append(images.shape[0])
-        return encode_queries(images, training=training)
-
-    monkeypatch.setattr(model, "encode_queries", recording_encode_queries)
+    query_batch_sizes = _record_query_batch_sizes(model, monkeypatch)
     history = model.fit(_dataset(*_views(1)), epochs=1, verbose=0)
 
     assert set(query_batch_sizes) == {BATCH + BATCH // 2}
