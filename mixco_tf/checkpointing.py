@@ -232,6 +232,40 @@ def truncate_history(model_dir, epochs):
     write_text_atomically(path, "\n".join([header, *kept_rows]) + "\n")
 
 
+def truncate_tensorboard_events(log_dir, epochs):
+    """Drops `epoch_*` summaries of epoch `epochs` and later from the event files of `log_dir`.
+
+    Keras's `TensorBoard` callback writes an epoch's summaries (step = epoch index) before
+    the backup of that epoch, like `history.csv`, and TensorBoard would show both the
+    killed run's point and the resumed run's point for the same step. Every other event
+    (file version, graphs, batch-level summaries) is kept. Files are rewritten atomically.
+    """
+    import tensorflow as tf
+
+    from tensorflow.core.util import event_pb2
+
+    for path in sorted(glob.glob(os.path.join(log_dir, "**", "*tfevents*"), recursive=True)):
+        records = [bytes(record.numpy()) for record in tf.data.TFRecordDataset(path)]
+        kept = []
+        for record in records:
+            event = event_pb2.Event.FromString(record)
+            is_epoch_summary = event.HasField("summary") and any(
+                value.tag.startswith("epoch_") for value in event.summary.value
+            )
+            if not (is_epoch_summary and event.step >= epochs):
+                kept.append(record)
+        if len(kept) == len(records):
+            continue
+        temporary = path + ".tmp"
+        with tf.io.TFRecordWriter(temporary) as writer:
+            for record in kept:
+                writer.write(record)
+        os.replace(temporary, path)
+        logger.info(
+            "Dropped %d summaries of epochs not in the backup from %s.", len(records) - len(kept), path
+        )
+
+
 def clear_run(model_dir):
     """Deletes the outputs of a previous run in `model_dir` (`RUN_OUTPUTS`), nothing else."""
     for name in RUN_OUTPUTS:

@@ -150,6 +150,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
         checkpointing.restore_training_state(model, model_dir, state)
         start_epoch = state["epoch"]
         checkpointing.truncate_history(model_dir, start_epoch)
+        checkpointing.truncate_tensorboard_events(os.path.join(model_dir, "logs"), start_epoch)
         logger.info("Resuming after epoch %d of %d.", start_epoch, config.epochs)
 
     train_views = augment.two_view_dataset(

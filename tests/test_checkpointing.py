@@ -111,6 +111,35 @@ def test_truncate_history_drops_unsaved_epochs(tmp_path):
     assert (tmp_path / "history.csv").read_text() == "epoch,loss\n0,9.1\n1,8.7\n"
 
 
+def _epoch_summary_steps(log_dir):
+    """Returns the sorted steps of every `epoch_loss` summary under `log_dir`."""
+    from tensorflow.core.util import event_pb2
+
+    steps = []
+    for path in tf.io.gfile.glob(os.path.join(log_dir, "*", "*tfevents*")):
+        for record in tf.data.TFRecordDataset(path):
+            event = event_pb2.Event.FromString(record.numpy())
+            if any(value.tag == "epoch_loss" for value in event.summary.value):
+                steps.append(event.step)
+    return sorted(steps)
+
+
+def test_truncate_tensorboard_events_leaves_no_duplicate_epoch(tmp_path):
+    """A run whose epoch 3 summary was written but not backed up resumes without a second point."""
+    log_dir = str(tmp_path / "logs")
+    model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse")
+    x, y = np.ones((8, 4), "float32"), np.zeros((8, 1), "float32")
+    model.fit(x, y, epochs=3, verbose=0, callbacks=[keras.callbacks.TensorBoard(log_dir)])
+    assert _epoch_summary_steps(log_dir) == [0, 1, 2]
+
+    checkpointing.truncate_tensorboard_events(log_dir, 2)
+    assert _epoch_summary_steps(log_dir) == [0, 1]
+
+    model.fit(x, y, initial_epoch=2, epochs=4, verbose=0, callbacks=[keras.callbacks.TensorBoard(log_dir)])
+    assert _epoch_summary_steps(log_dir) == [0, 1, 2, 3]
+
+
 def test_clear_run_keeps_other_files(tmp_path):
     checkpointing.save_training_state(_tiny_model(), str(tmp_path), epoch=1)
     (tmp_path / "results.json").write_text("{}")
