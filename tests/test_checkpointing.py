@@ -124,7 +124,7 @@ def _epoch_summary_steps(log_dir):
     return sorted(steps)
 
 
-def test_truncate_tensorboard_events_leaves_no_duplicate_epoch(tmp_path):
+def test_tensorboard_truncation_on_resume(tmp_path):
     """A run whose epoch 3 summary was written but not backed up resumes without a second point."""
     log_dir = str(tmp_path / "logs")
     model = keras.Sequential([keras.Input((4,)), keras.layers.Dense(1)])
