@@ -1,0 +1,81 @@
+"""The step benchmark's FLOP count against an analytic count, and its CLI as a subprocess."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from benchmarks import step
+from mixco_tf.models import MixCo
+
+REPOSITORY = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+def _conv_flops(size, kernel, channels_in, channels_out):
+    return 2 * size * size * kernel * kernel * channels_in * channels_out
+
+
+def _resnet18_imagenet_stem_flops(image_size, projection_dim=128):
+    """Counts ResNet-18's (imagenet stem) conv and dense FLOP by hand, head included."""
+    size = (image_size + 2 * 3 - 7) // 2 + 1  # stem conv 7x7/2, padding 3
+    total = _conv_flops(size, 7, 3, 64)
+    size = (size + 2 - 3) // 2 + 1  # max-pool 3x3/2, padding 1
+    channels = 64
+    for stage, width in enumerate((64, 128, 256, 512)):
+        for block in range(2):
+            stride = 2 if stage > 0 and block == 0 else 1
+            out_size = (size + 2 - 3) // stride + 1
+            total += _conv_flops(out_size, 3, channels, width)
+            total += _conv_flops(out_size, 3, width, width)
+            if stride != 1 or channels != width:
+                total += _conv_flops(out_size, 1, channels, width)
+            size, channels = out_size, width
+    return total + 2 * 512 * 512 + 2 * 512 * projection_dim
+
+
+@pytest.mark.parametrize("image_size", [64])
+def test_forward_flops_match_hand_count(image_size):
+    model = MixCo(backbone="resnet18", stem="imagenet", queue_size=256, seed=0)
+
+    counted = step.encoder_forward_flops(model, image_size)
+
+    assert counted == _resnet18_imagenet_stem_flops(image_size)
+
+
+def test_step_flops_formula():
+    forward, batch, queue, dim = 1000, 8, 64, 16
+
+    mixco = step.step_flops(forward, batch, "mixco", queue, dim)
+    moco = step.step_flops(forward, batch, "moco", queue, dim)
+
+    assert moco == 3 * forward * batch + forward * batch + 4 * batch * queue * dim
+    assert mixco == 3 * forward * (batch + batch // 2) + forward * batch + 4 * (batch + batch // 2) * queue * dim
+
+
+def test_cli_writes_one_record_per_method(tmp_path):
+    output = tmp_path / "step.jsonl"
+    command = [
+        sys.executable, "-m", "benchmarks.step", "--width_multiplier=0.0625", "--image_size=16",
+        "--batch_size=16", "--steps=2", "--warmup_steps=1", "--repeats=1", "--queue_size=32",
+        f"--output={output}",
+    ]
+    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["method"] for record in records] == ["mixco", "moco"]
+    for record in records:
+        assert set(step.FIELDS) <= record.keys()
+        assert record["images_per_second"] > 0
+        assert 0 < record["utilization_fp32"]
+    assert "MixCo / MoCo step time" in completed.stdout
+
+
+def test_cli_rejects_odd_batch():
+    command = [sys.executable, "-m", "benchmarks.step", "--batch_size=12"]
+    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
+
+    assert completed.returncode != 0
+    assert "batch_size 12" in completed.stderr
