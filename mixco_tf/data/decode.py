@@ -124,6 +124,9 @@ def decode_image_file(path: str) -> np.ndarray:
 
 
 def _decode_with_pillow(contents) -> np.ndarray:
+    # tf.numpy_function passes a string scalar as a 0-d object array.
+    if isinstance(contents, np.ndarray):
+        contents = contents.item()
     return decode_image_bytes(bytes(contents))
 
 
