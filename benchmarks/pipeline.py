@@ -2,10 +2,11 @@
 
     python -m benchmarks.pipeline [--num_images=500] [--batch_size=128] [--epochs=3]
 
-For `digits` and for miniature copies of Tiny ImageNet, CIFAR-10 and an image folder,
-written in their real formats to a temporary folder and read by the real loaders, it
-times the two-view training pipeline (`mixco_tf.augment.two_view_dataset`): the first
-epoch (reading, decoding and caching) and the later, cached epochs. It then times the
+The data sets are `digits` and miniature copies of Tiny ImageNet, CIFAR-10 and an image
+folder, written in their real formats to a temporary folder and read by the real
+loaders. For each, it times the two-view training pipeline
+(`mixco_tf.augment.two_view_dataset`): the first epoch (reading, decoding and caching)
+and the later, cached epochs. It then times the
 MixCo train step of the default config (`configs/digits.yaml`) at the same image
 sizes on this machine, so the two rates can be compared: the pipeline keeps up when its
 cached rate is above the train step's.

@@ -1,4 +1,4 @@
-"""The YAML files in configs/: each loads and validates, and the published ones match DESIGN 1.3."""
+"""The YAML files in configs/: each loads and validates, and the published ones match the MixCo paper's Tiny ImageNet setting."""
 
 import pathlib
 

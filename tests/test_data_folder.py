@@ -35,7 +35,8 @@ def test_pixels_and_mean_match_pillow(tmp_path):
     paths = sorted(written)
     pillow = {name: np.asarray(PIL.Image.open(tmp_path / "train" / name).convert("RGB")) for name in paths}
     decoded = list(splits.train.as_numpy_iterator())
-    assert splits.num_train == len(paths) and splits.num_test == 2
+    assert splits.num_train == len(paths)
+    assert splits.num_test == 2
     # The loader lists class folders and their files in sorted order.
     ordered = [pillow[name] for name in paths]
     for (image, _), expected in zip(decoded, ordered):

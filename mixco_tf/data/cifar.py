@@ -12,7 +12,7 @@ network:
 2. the archive TFDS downloads (`cifar-10-binary.tar.gz`, `cifar-100-binary.tar.gz`) in
    `data_dir` or in TFDS's manual folder `<data_dir>/downloads/manual/`;
 3. TFDS's download, after a check that the URL is reachable. Without network this fails
-   within seconds and says how to build the data elsewhere.
+   within seconds with instructions to build the data elsewhere.
 """
 
 import logging

@@ -15,9 +15,9 @@ and decoded by content, see `mixco_tf.data.decode`. Other files are ignored and 
 
 Every file is decoded once when the data set loads: that pass finds bad files before
 training and measures the per-channel mean and std of the train split. Train images are
-decoded again in the tf.data pipeline. When they fit in `MEMORY_CACHE_LIMIT_BYTES` the
-training pipeline caches them in memory; larger sets are cached in a file below
-`cache_dir`, so each image is decoded once per run.
+decoded again in the tf.data pipeline. When they fit in `MEMORY_CACHE_LIMIT_BYTES`, the
+training pipeline caches them in memory. Larger sets are cached in a file below
+`cache_dir`. Either way the pipeline decodes each train image once per run.
 """
 
 import hashlib

@@ -1,8 +1,8 @@
 """Shared helpers of the TFDS-backed data sets: where the data lives and a fast offline check.
 
-TFDS retries a failed download several times with growing pauses, and first asks
-Google Cloud Storage for a prepared copy. On a machine without network that takes
-minutes before the error. `check_download_reachable` sends one HEAD request with a
+TFDS 4.9 retries a failed download request up to 10 times with growing pauses, and by
+default first looks for a prepared copy on Google Cloud Storage. On a machine without
+network the error can therefore take long to appear. `check_download_reachable` sends one HEAD request with a
 short timeout first, so such a run fails within seconds with instructions.
 """
 
@@ -15,7 +15,7 @@ import tensorflow_datasets as tfds
 
 logger = logging.getLogger(__name__)
 
-# Seconds to wait for the server's first answer before declaring it unreachable.
+# Seconds to wait for the server's first response before declaring it unreachable.
 REACHABILITY_TIMEOUT_S = 10
 
 
@@ -52,7 +52,7 @@ def check_download_reachable(url: str, instructions: str) -> None:
 
 
 def offline_download_config(manual_dir: Optional[str]):
-    """Returns the TFDS `DownloadConfig` of a prepare step that never asks GCS for a copy.
+    """Returns the TFDS `DownloadConfig` of a prepare step that never looks for a copy on GCS.
 
     Args:
         manual_dir: where manually placed archives are; None for TFDS's default

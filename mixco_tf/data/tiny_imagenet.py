@@ -261,7 +261,7 @@ def prepare(data_dir: Optional[str] = None, skip_bad_files: bool = False) -> Tin
 
     Raises:
         mixco_tf.data.tfds_sources.DataNotFoundError: within seconds, if the data is
-            neither prepared, nor on disk, nor downloadable; the message names the URL,
+            neither prepared, nor on disk, nor downloadable. The message names the URL,
             the file name and the folder to put it in.
         TinyImagenetFormatError: if the files do not have the real layout.
         mixco_tf.data.decode.BadImageFilesError: for an image that cannot be decoded,
