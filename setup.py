@@ -23,6 +23,11 @@ setuptools.setup(
         "scikit-learn>=1.2",
         "tensorboard>=2.16",
         "tensorflow-datasets>=4.9",
+        # Decodes CMYK JPEGs and checks image files before training (mixco_tf.data.decode).
+        "Pillow>=9.1",
+        # TFDS 4.9 imports it when preparing any builder but declares it only for Python < 3.9.
+        "importlib_resources>=5.0",
+        "requests>=2.19",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],

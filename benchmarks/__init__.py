@@ -1,0 +1,1 @@
+"""Benchmarks of mixco_tf; run them as modules, e.g. `python -m benchmarks.pipeline`."""

@@ -421,7 +421,11 @@ def two_view_dataset(
     views = tf.data.Dataset.zip((images, element_seeds))
     views = views.map(make_views, num_parallel_calls=tf.data.AUTOTUNE, deterministic=True)
     views = views.batch(batch_size, drop_remainder=drop_remainder)
-    return views.prefetch(tf.data.AUTOTUNE)
+    options = tf.data.Options()
+    # Under a multi-worker strategy each worker keeps every N-th batch. AUTO would pick
+    # FILE sharding for TFRecord-backed TFDS splits, which fails with fewer files than workers.
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return views.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def eval_dataset(

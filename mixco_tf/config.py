@@ -47,6 +47,7 @@ class Config:
     dataset: str = "digits"
     data_dir: typing.Optional[str] = None
     model_dir: typing.Optional[str] = None
+    skip_bad_files: bool = False
 
     # Method and model.
     method: str = "mixco"
@@ -147,6 +148,8 @@ class Config:
             _fail("seed", self.seed, f"an integer in [0, {2**32 - 2}]")
         if self.model_dir and os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
             _fail("model_dir", self.model_dir, "a folder (this path is a file); pick a new folder name")
+        if self.dataset == "folder" and not self.data_dir:
+            _fail("data_dir", self.data_dir, "the image folder to train on with dataset=folder; pass --data_dir=ROOT")
         if self.method == "moco" and self.mix_weight != 0:
             _fail(
                 "mix_weight",
@@ -303,8 +306,9 @@ def _in_range(config, name, low, high, lower_open=False, upper_open=False):
 
 
 HELP = {
-    "dataset": "Data set name from the registry (digits needs no download).",
-    "data_dir": "Folder holding downloaded or prepared data sets.",
+    "dataset": "Data set name from the registry: digits (no download), tiny_imagenet, cifar10, cifar100 or folder.",
+    "data_dir": "Folder holding downloaded or prepared data sets (TFDS data_dir), or the image folder of dataset=folder.",
+    "skip_bad_files": "Leave out image files that cannot be decoded (counted in results.json) instead of stopping with their paths.",
     "model_dir": "Run directory for checkpoints, logs, export and results.json; default runs/<dataset>-<timestamp>.",
     "method": "mixco (MoCo-v2 + MixCo) or moco (plain MoCo-v2, the same as mix_weight=0).",
     "backbone": "resnet18, resnet34 or resnet50 (torchvision layout).",

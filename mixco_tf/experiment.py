@@ -129,7 +129,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
 
     os.makedirs(model_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
-    splits = load_dataset(config.dataset, config.data_dir)
+    splits = _load_data(config)
     steps_per_epoch = _check_data_fits_config(config, splits)
     checkpointing.write_text_atomically(
         os.path.join(model_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
@@ -161,6 +161,8 @@ def run_experiment(config, evaluate=True, overwrite=False):
         batch_size=config.batch_size,
         config=augment_config(config),
         seed=pipeline_seed(config.seed, start_epoch),
+        # Large image folders are already cached in a file by their loader.
+        cache=splits.fits_in_memory,
     )
     logger.info(
         "Pretraining %s on %s: %d images, %d steps per epoch, epochs %d to %d.",
@@ -192,6 +194,8 @@ def run_experiment(config, evaluate=True, overwrite=False):
         "dataset": config.dataset,
         "num_train_examples": splits.num_train,
         "num_test_examples": splits.num_test,
+        "data": splits.summary(),
+        "skipped_files": splits.skipped_files,
         "epochs_completed": start_epoch + (len(history.epoch) if history is not None else 0),
         "resumed_from_epoch": start_epoch if state is not None else None,
         "final_metrics": _final_metrics(history, model_dir),
@@ -199,7 +203,9 @@ def run_experiment(config, evaluate=True, overwrite=False):
         "pretrain_seconds": round(pretrain_seconds, 1),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
-    if evaluate:
+    if evaluate and (splits.unlabeled or splits.num_test == 0):
+        logger.warning("Skipping the evaluation: %s has no labeled test split.", config.dataset)
+    elif evaluate:
         # The pretrained backbone is evaluated through its export, the artifact users get.
         results["evaluation"] = evaluation.evaluate_saved_model(
             export_dir, splits, batch_size=config.eval_batch_size, seed=config.seed
@@ -283,6 +289,14 @@ def _check_dataset_name(config):
             f"Invalid config value dataset={config.dataset!r}: expected one of {list(names)}. "
             "Fix the spelling, or register a loader with mixco_tf.data.register_dataset."
         )
+
+
+def _load_data(config):
+    """Loads the data set; a missing, malformed or undecodable file is a ConfigError naming it."""
+    try:
+        return load_dataset(config.dataset, config.data_dir, skip_bad_files=config.skip_bad_files)
+    except (ValueError, OSError) as error:
+        raise ConfigError(f"Cannot load dataset={config.dataset!r} (data_dir={config.data_dir!r}): {error}") from error
 
 
 def _read_resumable_state(config, model_dir):

@@ -337,3 +337,13 @@ def test_eval_dataset_resizes_images_only():
     assert len(batches) == 1
     assert batches[0].shape == (5, 24, 24, 3)
     assert batches[0].dtype == np.float32
+
+
+def test_two_view_dataset_shards_by_data():
+    images = tf.data.Dataset.from_tensor_slices(np.zeros([8, 16, 16, 3], np.uint8))
+    views = two_view_dataset(
+        images, image_size=8, mean=(0.5,) * 3, std=(0.25,) * 3, batch_size=4, config=AugmentConfig(), seed=0
+    )
+
+    policy = views.options().experimental_distribute.auto_shard_policy
+    assert policy == tf.data.experimental.AutoShardPolicy.DATA

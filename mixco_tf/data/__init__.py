@@ -1,6 +1,6 @@
 """Dataset registry. Importing this package registers every bundled loader."""
 
-from mixco_tf.data import digits
+from mixco_tf.data import cifar, digits, folder, tiny_imagenet
 from mixco_tf.data.registry import (
     DatasetSplits,
     available_datasets,
@@ -11,7 +11,10 @@ from mixco_tf.data.registry import (
 __all__ = [
     "DatasetSplits",
     "available_datasets",
+    "cifar",
     "digits",
+    "folder",
     "load_dataset",
     "register_dataset",
+    "tiny_imagenet",
 ]

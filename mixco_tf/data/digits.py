@@ -69,9 +69,9 @@ def load_digits_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray
 
 
 @register_dataset("digits")
-def load(data_dir=None) -> DatasetSplits:
-    """Loads the digits splits. `data_dir` is ignored because the data ships with scikit-learn."""
-    del data_dir
+def load(data_dir=None, skip_bad_files=False) -> DatasetSplits:
+    """Loads the digits splits. Both arguments are ignored because the data ships with scikit-learn."""
+    del data_dir, skip_bad_files
     train_images, train_labels, test_images, test_labels = load_digits_arrays()
     return DatasetSplits(
         name="digits",

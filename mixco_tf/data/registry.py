@@ -1,7 +1,9 @@
 """Dataset registry: named loaders that return train and test splits as tf.data pipelines.
 
-A loader is a function `loader(data_dir) -> DatasetSplits` registered under a name with
-`@register_dataset("name")`. `load_dataset("name")` calls it. To add a dataset, write a
+A loader is a function `loader(data_dir, skip_bad_files=False) -> DatasetSplits`
+registered under a name with `@register_dataset("name")`. `load_dataset("name")` calls it.
+A loader that reads image files decodes each of them before it returns (see
+`mixco_tf.data.decode`), so a bad file stops a run before training starts. To add a dataset, write a
 module with a registered loader and import it in `mixco_tf/data/__init__.py`.
 """
 
@@ -14,7 +16,7 @@ import tensorflow as tf
 
 logger = logging.getLogger(__name__)
 
-Loader = Callable[[Optional[str]], "DatasetSplits"]
+Loader = Callable[..., "DatasetSplits"]
 
 _LOADERS: dict[str, Loader] = {}
 
@@ -38,6 +40,13 @@ class DatasetSplits:
         train_numpy: `(images, labels)` of the train split when the dataset lives in
             memory, else None. Read-only arrays, prefer `train_arrays()`.
         test_numpy: `(images, labels)` of the test split, as `train_numpy`.
+        skipped_files: image files left out because they cannot be decoded (only with
+            `skip_bad_files=True`; 0 otherwise).
+        fits_in_memory: whether the decoded train split fits the in-memory cache of the
+            training pipeline. False for large image folders, which the loader caches
+            in a file instead.
+        unlabeled: True when the data has no labels (a flat image folder). Labels are
+            then -1 and `num_classes` is 0.
     """
 
     name: str
@@ -56,6 +65,22 @@ class DatasetSplits:
     test_numpy: Optional[tuple[np.ndarray, np.ndarray]] = dataclasses.field(
         default=None, repr=False, compare=False
     )
+    skipped_files: int = 0
+    fits_in_memory: bool = True
+    unlabeled: bool = False
+
+    def summary(self) -> dict:
+        """Returns the facts about the data that results.json records."""
+        return {
+            "name": self.name,
+            "num_train": self.num_train,
+            "num_test": self.num_test,
+            "num_classes": self.num_classes,
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "skipped_files": self.skipped_files,
+        }
 
     def train_arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """Returns the train split as NumPy arrays.
@@ -115,33 +140,39 @@ def available_datasets() -> tuple[str, ...]:
     return tuple(sorted(_LOADERS))
 
 
-def load_dataset(name: str, data_dir: Optional[str] = None) -> DatasetSplits:
+def load_dataset(
+    name: str, data_dir: Optional[str] = None, skip_bad_files: bool = False
+) -> DatasetSplits:
     """Loads the train and test splits of a registered dataset.
 
     Args:
         name: a registered name, see `available_datasets()`.
         data_dir: folder where the loader finds or downloads its files. Loaders of
             bundled datasets ignore it. None lets the loader pick its default.
+        skip_bad_files: leave out image files that cannot be decoded and count them in
+            `DatasetSplits.skipped_files`, instead of raising an error naming them.
 
     Returns:
         The dataset's `DatasetSplits`.
 
     Raises:
-        ValueError: if `name` is not registered.
+        ValueError: if `name` is not registered, or (from the loader) if files are
+            missing or cannot be decoded; the message names the file and the fix.
     """
     if name not in _LOADERS:
         raise ValueError(
             f"Unknown dataset {name!r}. Known datasets: {', '.join(available_datasets())}."
         )
     logger.info("Loading dataset %s (data_dir=%s)", name, data_dir)
-    splits = _LOADERS[name](data_dir)
+    splits = _LOADERS[name](data_dir, skip_bad_files=skip_bad_files)
     logger.info(
-        "Loaded dataset %s: %d train and %d test images, %d classes, %dx%d pixels",
+        "Loaded dataset %s: %d train and %d test images, %d classes, %dx%d pixels, %d files skipped",
         name,
         splits.num_train,
         splits.num_test,
         splits.num_classes,
         splits.image_size,
         splits.image_size,
+        splits.skipped_files,
     )
     return splits
