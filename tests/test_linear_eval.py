@@ -9,7 +9,9 @@ import time
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 import keras
+import numpy as np
 import pytest
+import tensorflow as tf
 
 from mixco_tf import export, linear_eval
 from mixco_tf.data import load_dataset
@@ -106,3 +108,133 @@ def test_saved_model_check_hints(tmp_path):
     (run_export / "saved_model.pb").write_bytes(b"")
     message = linear_eval.check_saved_model_dir(str(tmp_path / "run"))
     assert f"--saved_model={run_export}" in message
+
+
+@pytest.fixture(scope="module")
+def digits_splits():
+    return load_dataset("digits")
+
+
+def test_cli_protocol_flag_and_alias(saved_model_dir, tmp_path):
+    output = tmp_path / "eval.json"
+    completed = run_cli(
+        f"--saved_model={saved_model_dir}", "--protocol=knn", "--knn_k=50", f"--output={output}", cwd=tmp_path
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(output.read_text())
+    assert results["protocols"] == ["knn"]
+    assert (results["knn_k"], results["knn_temperature"]) == (50, 0.1)
+    assert "linear_top1" not in results
+
+
+def test_cached_protocol_matches_sklearn(saved_model_dir, digits_splits):
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.preprocessing import StandardScaler
+
+    from mixco_tf import evaluation
+
+    results = linear_eval.evaluate(digits_splits, saved_model=saved_model_dir, protocols=["cached"])
+
+    layer = evaluation.load_serving_layer(saved_model_dir)
+    train_features, train_labels = evaluation.extract_features(layer, digits_splits.train.batch(256))
+    test_features, test_labels = evaluation.extract_features(layer, digits_splits.test.batch(256))
+    scaler = StandardScaler().fit(train_features)
+    reference = LogisticRegression(max_iter=5000).fit(scaler.transform(train_features), train_labels)
+    sklearn_top1 = reference.score(scaler.transform(test_features), test_labels)
+    assert abs(results["linear_top1"] - sklearn_top1) <= 0.02, (results["linear_top1"], sklearn_top1)
+
+
+def test_paper_protocol_trains_only_head(saved_model_dir, digits_splits):
+    from mixco_tf import paper_linear
+
+    layer = keras.layers.TFSMLayer(saved_model_dir, call_endpoint="serving_normalized", trainable=False)
+    classifier = paper_linear.build_classifier(layer, IMAGE_SIZE, digits_splits.num_classes)
+    assert [weight.path for weight in classifier.trainable_weights] == ["linear_head/kernel", "linear_head/bias"]
+    assert len(layer.weights) >= 4  # conv kernel and bias, BatchNorm scale, offset, mean, variance
+    before = [weight.numpy().copy() for weight in layer.weights]
+
+    results = linear_eval.evaluate(
+        digits_splits, saved_model=saved_model_dir, protocols=["paper"], paper_epochs=2
+    )
+    assert results["paper"]["backbone_unchanged"] is True
+    assert results["paper"]["trainable_weights"] == ["linear_head/kernel", "linear_head/bias"]
+    assert 0.1 < results["paper_top1"] <= results["paper_top5"] <= 1.0
+
+    # An independent check on a fresh layer: one epoch of the paper recipe leaves every
+    # backbone variable, BatchNorm statistics included, bit-identical.
+    classifier.compile(keras.optimizers.SGD(3.0, momentum=0.9), keras.losses.SparseCategoricalCrossentropy(from_logits=True))
+    train = paper_linear.train_dataset(
+        digits_splits.train, image_size=IMAGE_SIZE, mean=digits_splits.mean, std=digits_splits.std
+    )
+    head_before = classifier.get_layer("linear_head").kernel.numpy().copy()
+    classifier.fit(train.take(2), epochs=1, verbose=0)
+    for old, weight in zip(before, layer.weights):
+        np.testing.assert_array_equal(old, weight.numpy())
+    assert not np.array_equal(head_before, classifier.get_layer("linear_head").kernel.numpy())
+
+
+def test_paper_test_pipeline_center_crops(digits_splits):
+    from mixco_tf import paper_linear
+    from mixco_tf.preprocess import normalize
+
+    images, labels = digits_splits.test_arrays()
+    batch, batch_labels = next(iter(paper_linear.test_dataset(
+        digits_splits.test, image_size=16, mean=digits_splits.mean, std=digits_splits.std, batch_size=4
+    )))
+    # 16 / 0.875 rounds to 18; the center 16x16 of the 18x18 resize starts at pixel 1.
+    resized = tf.image.resize(images[:4].astype(np.float32) / 255.0, (18, 18), antialias=True)[:, 1:17, 1:17]
+    np.testing.assert_allclose(batch.numpy(), normalize(resized, digits_splits.mean, digits_splits.std).numpy(), atol=1e-6)
+    np.testing.assert_array_equal(batch_labels.numpy(), labels[:4])
+
+
+def test_tuner_never_sees_test_split(saved_model_dir, digits_splits):
+    import dataclasses
+
+    import tensorflow as tf
+
+    images, labels = digits_splits.test_arrays()
+    rng = np.random.default_rng(0)
+    scrambled_test = tf.data.Dataset.from_tensor_slices(
+        (rng.integers(0, 256, size=images.shape, dtype=np.uint8), rng.permutation(labels))
+    )
+    scrambled = dataclasses.replace(digits_splits, test=scrambled_test, test_numpy=None)
+    settings = dict(saved_model=saved_model_dir, protocols=["cached"], tune=True, tune_trials=2, tune_epochs=5)
+
+    original = linear_eval.evaluate(digits_splits, **settings)
+    changed = linear_eval.evaluate(scrambled, **settings)
+
+    # Replacing every test image and label changes the final test numbers but not one
+    # number of the search, so the search read no test data.
+    assert original["tuning"] == changed["tuning"]
+    assert original["linear_top1"] != changed["linear_top1"]
+    tuning = original["tuning"]
+    assert tuning["num_fit"] + tuning["num_validation"] == digits_splits.num_train
+    assert len(tuning["trials"]) == 2
+    assert tuning["validation_top1"] == max(trial["validation_top1"] for trial in tuning["trials"])
+
+
+def test_probe_tuner_resumes_and_rejects_new_space(saved_model_dir, digits_splits, tmp_path):
+    from mixco_tf import evaluation, tuning
+
+    layer = evaluation.load_serving_layer(saved_model_dir)
+    features, labels = evaluation.extract_features(layer, digits_splits.train.batch(256))
+    directory = str(tmp_path / "tuner")
+    first = tuning.tune_linear_probe(features, labels, 10, max_trials=2, epochs=3, directory=directory)
+    again = tuning.tune_linear_probe(features, labels, 10, max_trials=2, epochs=3, directory=directory)
+    assert again["trials"] == first["trials"]
+    more = tuning.tune_linear_probe(features, labels, 10, max_trials=3, epochs=3, directory=directory)
+    assert more["trials"][:2] == first["trials"]
+    assert len(more["trials"]) == 3
+    with pytest.raises(tuning.SearchSpaceMismatch, match="epochs: 3 -> 4"):
+        tuning.tune_linear_probe(features, labels, 10, max_trials=2, epochs=4, directory=directory)
+
+
+def test_validation_split_is_stratified_partition():
+    from mixco_tf import tuning
+
+    labels = np.repeat(np.arange(5), 20)
+    fit, validation = tuning.split_train_validation(labels, 0.25, seed=3)
+    assert sorted(np.concatenate([fit, validation]).tolist()) == list(range(100))
+    assert np.bincount(labels[validation]).tolist() == [5] * 5
+    with pytest.raises(ValueError, match="validation_fraction"):
+        tuning.split_train_validation(labels, 1.0)
