@@ -39,6 +39,7 @@ setuptools.setup(
             "mixco-train=mixco_tf.train:run",
             "mixco-linear-eval=mixco_tf.linear_eval:run",
             "mixco-export=mixco_tf.export:run",
+            "mixco-tune=mixco_tf.tune:run",
         ],
     },
     classifiers=[
