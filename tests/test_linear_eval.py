@@ -238,3 +238,86 @@ def test_validation_split_is_stratified_partition():
     assert np.bincount(labels[validation]).tolist() == [5] * 5
     with pytest.raises(ValueError, match="validation_fraction"):
         tuning.split_train_validation(labels, 1.0)
+
+
+TRANSFER_DATASET = "digits_inverted_small"
+
+
+def register_transfer_dataset():
+    """Registers a digits variant that differs from digits in every respect a transfer touches.
+
+    Classes 0-4 only, 12x12 native images, inverted gray levels, so a different
+    number of classes, image size, mean and std than the pretraining data set.
+    """
+    from mixco_tf.data import DatasetSplits, available_datasets, register_dataset
+    from mixco_tf.data.digits import load_digits_arrays
+
+    if TRANSFER_DATASET in available_datasets():
+        return
+
+    def variant(images, labels):
+        keep = labels < 5
+        small = tf.image.resize(images[keep].astype(np.float32), (12, 12), antialias=True).numpy()
+        return (255 - np.clip(np.round(small), 0, 255)).astype(np.uint8), labels[keep]
+
+    @register_dataset(TRANSFER_DATASET)
+    def load(data_dir=None):
+        train_images, train_labels, test_images, test_labels = load_digits_arrays()
+        train = variant(train_images, train_labels)
+        test = variant(test_images, test_labels)
+        pixels = train[0].astype(np.float64) / 255.0
+        return DatasetSplits(
+            name=TRANSFER_DATASET,
+            train=tf.data.Dataset.from_tensor_slices(train),
+            test=tf.data.Dataset.from_tensor_slices(test),
+            num_train=len(train[1]),
+            num_test=len(test[1]),
+            num_classes=5,
+            image_size=12,
+            mean=tuple(pixels.mean(axis=(0, 1, 2))),
+            std=tuple(pixels.std(axis=(0, 1, 2))),
+            class_names=tuple("01234"),
+        )
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    from mixco_tf import config as config_lib
+    from mixco_tf import experiment
+
+    model_dir = tmp_path_factory.mktemp("tiny_run") / "run"
+    config = config_lib.Config(
+        model_dir=str(model_dir), epochs=1, batch_size=64, queue_size=128, key_bn_splits=4,
+        width_multiplier=0.0625, image_size=12, warmup_epochs=0,
+    ).validate()
+    experiment.run_experiment(config, evaluate=False)
+    return str(model_dir)
+
+
+@pytest.mark.slow
+def test_cli_evaluates_run_directory(tiny_run, tmp_path):
+    completed = run_cli(f"--model_dir={tiny_run}", "--protocol=cached,knn", cwd=tmp_path)
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    results = json.loads(open(os.path.join(tiny_run, "linear_eval_digits.json")).read())
+    assert results["model_dir"] == os.path.abspath(tiny_run)
+    assert results["image_size"] == 12
+    assert 0.1 < results["linear_top1"] <= results["linear_top5"] <= 1.0
+
+
+@pytest.mark.slow
+def test_transfer_to_other_dataset(tiny_run):
+    register_transfer_dataset()
+    target = load_dataset(TRANSFER_DATASET)
+    export_dir = os.path.join(tiny_run, "export", "backbone", "1")
+
+    from_run = linear_eval.evaluate(target, model_dir=tiny_run, protocols=["cached", "knn", "paper"], paper_epochs=1)
+    from_export = linear_eval.evaluate(target, saved_model=export_dir, protocols=["cached", "knn"])
+
+    # The backbone keeps its own input size and normalization on the new data set.
+    assert from_run["image_size"] == from_export["image_size"] == 12
+    assert from_run["paper"]["backbone_unchanged"] is True
+    for results in (from_run, from_export):
+        assert 0.2 < results["linear_top1"] <= 1.0
+        assert results["linear_top5"] == 1.0  # 5 classes: top-5 always contains the label
+    # Both sources compute the same features (resize_and_normalize inside or outside the graph).
+    assert abs(from_run["knn_top1"] - from_export["knn_top1"]) <= 2 / target.num_test
