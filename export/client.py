@@ -56,7 +56,7 @@ def load_images(paths):
             array = array[np.newaxis]
         if array.dtype != np.uint8 or array.ndim != 4 or array.shape[-1] != 3:
             raise ValueError(
-                f"{path} holds {array.dtype} {array.shape}; expected uint8 [height, width, 3] or "
+                f"{path} contains {array.dtype} {array.shape}, expected uint8 [height, width, 3] or "
                 "[batch, height, width, 3] RGB pixels."
             )
         images.extend(array)
@@ -101,7 +101,7 @@ def predict_rest(images, url, signature_name="serving_default", timeout=60.0):
         float32 `[batch, feature_dim]`.
 
     Raises:
-        RuntimeError: if the server answers with an HTTP error or a body without
+        RuntimeError: if the server returns an HTTP error or a body without
             `predictions`; the message contains the server's `error` text.
     """
     import requests

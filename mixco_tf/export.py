@@ -75,7 +75,7 @@ def export_backbone(
     writing leaves the hidden folder behind, which is safe to delete.
 
     Only the backbone's variables are saved: no optimizer slots, projection head or key
-    encoder, because the endpoints use nothing else. The version folder also holds
+    encoder, because the endpoints use nothing else. The version folder also contains
     `backbone.keras` (the same weights, no optimizer) and TensorFlow Serving's warm-up
     requests in `assets.extra/tf_serving_warmup_requests` (see `mixco_tf.warmup`).
 
@@ -212,7 +212,7 @@ def _write_version_atomically(export_dir, version, overwrite, write):
 
 def _save_keras_file(backbone, path):
     # A fresh functional model over the same layers carries no compile state, so the
-    # file holds no optimizer variables even when `backbone` itself was compiled.
+    # file contains no optimizer variables even when `backbone` itself was compiled.
     uncompiled = keras.Model(backbone.inputs, backbone.outputs, name=backbone.name)
     uncompiled.save(path)
 

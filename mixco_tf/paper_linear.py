@@ -11,7 +11,7 @@ Settings of the MoCo-v2 linear protocol that the MixCo code reuses:
   256 -> 224 ratio of ImageNet evaluation).
 
 Unlike the cached protocol of `mixco_tf.evaluation.linear_probe`, every step runs the
-backbone, because every epoch sees new crops. The backbone runs in inference mode and
+backbone, because every epoch draws new crops. The backbone runs in inference mode and
 is not trainable, so its weights, BatchNorm statistics included, stay as they were;
 `paper_linear_eval` checks this after training.
 """

@@ -11,7 +11,7 @@ built-in defaults, `--config` and the config-key flags of `mixco_tf.train`.
 The objective is measured on a stratified held-out part of the training split
 (`--validation_fraction`): the rest of the training split is the k-NN memory bank
 (`--objective=knn`, k=200, temperature 0.1) or trains the cached linear probe
-(`--objective=linear`). Pretraining itself sees all training images without labels,
+(`--objective=linear`). Pretraining itself reads all training images without labels,
 and no search step reads the test split. After the search, the best trial's backbone is
 evaluated once on the test split for the report.
 
@@ -113,7 +113,7 @@ def run_search(base_config, tune_dir, *, ranges, objective="knn", max_trials=8, 
         directory, and the best trial's test-split evaluation.
 
     Raises:
-        mixco_tf.tuning.SearchSpaceMismatch: if `tune_dir` holds another search.
+        mixco_tf.tuning.SearchSpaceMismatch: if `tune_dir` contains another search.
         ValueError: on an invalid method or objective.
     """
     import keras_tuner

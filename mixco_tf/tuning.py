@@ -29,7 +29,7 @@ PROBE_WEIGHT_DECAYS = (0.0, 1e-4, 1e-3, 1e-2)
 
 
 class SearchSpaceMismatch(ValueError):
-    """A tuning directory holds a search made with another space."""
+    """A tuning directory contains a search made with another space."""
 
 
 def split_train_validation(labels, validation_fraction=0.2, seed=0):
@@ -65,7 +65,7 @@ def check_search_space(directory, space):
         space: JSON-serializable description of everything that defines the search.
 
     Raises:
-        SearchSpaceMismatch: if the directory already holds a different space; the
+        SearchSpaceMismatch: if the directory already contains a different space; the
             message lists the differing keys and says how to start a new search.
     """
     path = os.path.join(directory, SEARCH_SPACE_FILE)
@@ -79,7 +79,7 @@ def check_search_space(directory, space):
                 f"{key}: {stored.get(key)!r} -> {space.get(key)!r}" for key in keys if stored.get(key) != space.get(key)
             )
             raise SearchSpaceMismatch(
-                f"The tuning directory {directory} holds a search with another search space ({changes}). "
+                f"The tuning directory {directory} contains a search with another search space ({changes}). "
                 "Its finished trials do not fit the new space. Pass a new --tune_dir for the new space, "
                 "or rerun with the old values to resume that search."
             )
@@ -125,7 +125,7 @@ def tune_linear_probe(
 
     Raises:
         ImportError: if keras-tuner is not installed.
-        SearchSpaceMismatch: if `directory` holds a search with another space.
+        SearchSpaceMismatch: if `directory` contains a search with another space.
     """
     import keras_tuner
 

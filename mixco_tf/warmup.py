@@ -75,7 +75,7 @@ def write_warmup_requests(saved_model_dir, image_size):
 
     Returns:
         Path of the written file, or None when `tensorflow-serving-api` is missing, in
-        which case a warning says how to install it.
+        which case the logged warning gives the install command.
     """
     if not serving_api_available():
         logger.warning(
