@@ -33,12 +33,18 @@ setuptools.setup(
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
         "test": ["pytest>=7.0"],
+        # tensorflow-serving-api requires the `tensorflow` distribution; next to
+        # tensorflow-cpu install it with `pip install --no-deps tensorflow-serving-api`.
+        "serving": ["tensorflow-serving-api>=2.16", "requests>=2.0"],
+        "onnx": ["tf2onnx>=1.16", "onnx>=1.14", "onnxruntime>=1.16"],
+        "tune": ["keras-tuner>=1.4"],
     },
     entry_points={
         "console_scripts": [
             "mixco-train=mixco_tf.train:run",
             "mixco-linear-eval=mixco_tf.linear_eval:run",
             "mixco-export=mixco_tf.export:run",
+            "mixco-tune=mixco_tf.tune:run",
         ],
     },
     classifiers=[

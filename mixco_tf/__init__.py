@@ -7,6 +7,8 @@ Public API:
     two_view_dataset, AugmentConfig: the MoCo-v2 two-view tf.data pipeline.
     load_dataset: the data set registry.
     export_backbone: the backbone as a TF Serving SavedModel.
+    export_backbone_onnx: the backbone as an ONNX model.
+    KNNMonitor: a callback logging kNN top-1 during pretraining.
 """
 
 import importlib
@@ -18,9 +20,11 @@ __version__ = "0.1.0"
 # already imported by the package (runpy warns about that).
 _PUBLIC = {
     "AugmentConfig": "mixco_tf.augment",
+    "KNNMonitor": "mixco_tf.callbacks",
     "MixCo": "mixco_tf.models",
     "build_backbone": "mixco_tf.models",
     "export_backbone": "mixco_tf.export",
+    "export_backbone_onnx": "mixco_tf.export",
     "load_dataset": "mixco_tf.data",
     "two_view_dataset": "mixco_tf.augment",
 }

@@ -32,6 +32,7 @@ RESUMABLE_KEYS = (
     "jit_compile",
     "steps_per_execution",
     "eval_batch_size",
+    "knn_every",
 )
 
 
@@ -96,6 +97,8 @@ class Config:
 
     # Evaluation at the end of the run.
     eval_batch_size: int = 256
+    # kNN top-1 in the epoch logs every knn_every epochs during pretraining; 0 turns it off.
+    knn_every: int = 0
 
     def validate(self):
         """Raises ValueError naming the first invalid key, its value and the valid range."""
@@ -117,6 +120,7 @@ class Config:
         _at_least(self, "weight_decay", 0)
         _at_least(self, "mix_weight", 0)
         _at_least(self, "cpu_devices", 0)
+        _at_least(self, "knn_every", 0)
         _in_range(self, "sgd_momentum", 0.0, 1.0, upper_open=True)
         _in_range(self, "moco_momentum", 0.0, 1.0, upper_open=True)
         _in_range(self, "crop_min_scale", 0.0, 1.0, lower_open=True)
@@ -345,4 +349,6 @@ HELP = {
     "steps_per_execution": "Train steps per compiled call; more means fewer host round trips.",
     "seed": "Seed of weights, data order, augmentation and in-graph randomness.",
     "eval_batch_size": "Batch size of feature extraction for evaluation.",
+    "knn_every": "Log the weighted kNN top-1 (k=200, T=0.1, train split as memory, test split as queries) "
+    "as knn_top1 every N epochs and at the last epoch; 0 turns it off.",
 }

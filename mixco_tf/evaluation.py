@@ -7,8 +7,9 @@ a dataset, and the protocols then train or look up on the NumPy arrays it return
   reporting top-1 and top-5 accuracy on the test features.
 - `few_shot_linear`: the same probe trained on `shots` labelled examples per class,
   averaged over several fixed random draws.
-- `knn_top1`: weighted k-nearest-neighbour vote with cosine similarity, the monitor
-  that InstDisc and MoCo report during training.
+- `knn_top1`: weighted k-nearest-neighbour vote with cosine similarity (k = 200,
+  temperature 0.1 by default, the monitor of InstDisc and MoCo), also measured during
+  pretraining by `mixco_tf.callbacks.KNNMonitor`.
 
 `evaluate_backbone` (a Keras backbone) and `evaluate_saved_model` (an exported
 SavedModel) run all three on a dataset's splits.
@@ -28,6 +29,10 @@ from mixco_tf import augment
 logger = logging.getLogger(__name__)
 
 PROTOCOLS = ("linear", "5shot", "knn")
+
+# Weighted k-NN settings of InstDisc (Wu et al., 2018), which MoCo's monitor reuses.
+KNN_K = 200
+KNN_TEMPERATURE = 0.1
 
 # Memory budget of one chunk of the test-by-train similarity matrix, in float32 entries
 # (2**26 entries = 256 MiB), so k-NN over 100k training features stays bounded.
@@ -312,8 +317,8 @@ def knn_top1(
     test_labels: np.ndarray,
     num_classes: int,
     *,
-    k: int = 20,
-    temperature: Optional[float] = 0.1,
+    k: int = KNN_K,
+    temperature: Optional[float] = KNN_TEMPERATURE,
 ) -> float:
     """Measures the top-1 accuracy of a k-nearest-neighbour vote with cosine similarity.
 
@@ -393,7 +398,7 @@ def evaluate_features(
         test_labels: integers `[num_test]`.
         num_classes: number of classes.
         protocols: any of `"linear"` (all labels), `"5shot"` (5 labels per class, mean
-            over 5 draws) and `"knn"` (k=20, temperature 0.1).
+            over 5 draws) and `"knn"` (k = min(200, num_train), temperature 0.1).
         seed: seed of the probes and draws.
 
     Returns:
@@ -416,7 +421,8 @@ def evaluate_features(
     if "5shot" in protocols:
         results["linear_5shot_top1"] = few_shot_linear(*splits, shots=5, draws=5, seed=seed)
     if "knn" in protocols:
-        results["knn_top1"] = knn_top1(*splits, k=20, temperature=0.1)
+        k = min(KNN_K, len(train_features))
+        results["knn_top1"] = knn_top1(*splits, k=k, temperature=KNN_TEMPERATURE)
     return results
 
 

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from mixco_tf import augment, checkpointing, evaluation, export
+from mixco_tf import augment, callbacks as callbacks_lib, checkpointing, evaluation, export
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
 from mixco_tf.data import available_datasets, load_dataset
@@ -174,7 +174,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
         config.epochs,
     )
     pretrain_started = time.time()
-    history = _fit(model, train_views, config, model_dir, start_epoch)
+    history = _fit(model, train_views, config, model_dir, start_epoch, splits)
     pretrain_seconds = time.time() - pretrain_started
 
     export_base = os.path.join(model_dir, EXPORT_NAME)
@@ -244,7 +244,7 @@ def pipeline_seed(seed, start_epoch):
     return int(np.random.SeedSequence([seed, start_epoch]).generate_state(1)[0])
 
 
-def _fit(model, train_views, config, model_dir, start_epoch):
+def _fit(model, train_views, config, model_dir, start_epoch, splits=None):
     """Runs `model.fit` from `start_epoch` with the checkpoint, guard and log callbacks.
 
     Returns the `History`, or None when the backup already contains all `config.epochs`.
@@ -260,6 +260,19 @@ def _fit(model, train_views, config, model_dir, start_epoch):
             last_checkpoint=lambda: _describe_last_checkpoint(model_dir),
         ),
         interrupt_guard,
+    ]
+    if config.knn_every > 0 and splits is not None:
+        # Before the loggers, because they record the logs this callback adds to.
+        callbacks.append(
+            callbacks_lib.KNNMonitor(
+                model.backbone,
+                splits,
+                image_size=config.image_size,
+                every=config.knn_every,
+                batch_size=config.eval_batch_size,
+            )
+        )
+    callbacks += [
         # Appends on resume; truncate_history already removed rows of unsaved epochs.
         keras.callbacks.CSVLogger(
             os.path.join(model_dir, checkpointing.HISTORY_FILE), append=start_epoch > 0

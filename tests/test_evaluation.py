@@ -69,7 +69,7 @@ def digits_pixels():
 
 
 @pytest.mark.parametrize("temperature", [0.1, 0.5, None])
-@pytest.mark.parametrize("k", [1, 20])
+@pytest.mark.parametrize("k", [1, 20, 200])
 def test_knn_matches_numpy(random_features, k, temperature):
     expected = reference_knn_top1(*random_features, k=k, temperature=temperature)
     actual = evaluation.knn_top1(*random_features, k=k, temperature=temperature)

@@ -241,3 +241,147 @@ def test_export_dir_that_is_a_file_raises(backbone, tmp_path):
     path.write_text("not a folder")
     with pytest.raises(ValueError, match="is a file"):
         export.export_backbone(backbone, str(path), image_size=IMAGE_SIZE, mean=MEAN, std=STD)
+
+
+def test_export_writes_keras_file(backbone, exported):
+    _, version_dir = exported
+    restored = keras.saving.load_model(os.path.join(version_dir, export.KERAS_FILENAME))
+    images = np.random.default_rng(1).normal(size=(3, IMAGE_SIZE, IMAGE_SIZE, 3)).astype(np.float32)
+    np.testing.assert_allclose(
+        restored(images, training=False).numpy(), backbone(images, training=False).numpy(), atol=1e-6
+    )
+    assert getattr(restored, "optimizer", None) is None
+    assert len(restored.weights) == len(backbone.weights)
+
+
+def test_warmup_file_parses_as_prediction_logs(exported):
+    prediction_log_pb2 = pytest.importorskip("tensorflow_serving.apis.prediction_log_pb2")
+    _, version_dir = exported
+    path = os.path.join(version_dir, "assets.extra", "tf_serving_warmup_requests")
+    requests = []
+    for record in tf.data.TFRecordDataset(path):
+        log = prediction_log_pb2.PredictionLog.FromString(record.numpy())
+        assert log.WhichOneof("log_type") == "predict_log"
+        requests.append(log.predict_log.request)
+    signatures = [request.model_spec.signature_name for request in requests]
+    assert signatures == ["serving_default", "serving_default", "serving_normalized"]
+
+    # Every request must run against the signature it names, as TF Serving replays it.
+    loaded = tf.saved_model.load(version_dir)
+    for request in requests:
+        images = tf.make_ndarray(request.inputs["images"])
+        assert list(request.inputs) == ["images"]
+        features = loaded.signatures[request.model_spec.signature_name](images=tf.constant(images))["features"]
+        assert features.shape == (images.shape[0], FEATURE_DIM)
+    assert tf.make_ndarray(requests[0].inputs["images"]).dtype == np.uint8
+    assert [tf.make_ndarray(request.inputs["images"]).shape[0] for request in requests] == [1, 8, 1]
+
+
+def test_interrupt_inside_saved_model_write(backbone, tmp_path, monkeypatch):
+    build_archive = export._build_archive
+
+    def build_interrupting_archive(*args):
+        archive = build_archive(*args)
+        write_out = archive.write_out
+
+        def write_then_interrupt(filepath, **kwargs):
+            # The variables and saved_model.pb are on disk when the exception arrives.
+            write_out(filepath, **kwargs)
+            assert os.path.isfile(os.path.join(filepath, "saved_model.pb"))
+            raise KeyboardInterrupt
+
+        archive.write_out = write_then_interrupt
+        return archive
+
+    monkeypatch.setattr(export, "_build_archive", build_interrupting_archive)
+    export_dir = tmp_path / "model"
+    with pytest.raises(KeyboardInterrupt):
+        export_to(backbone, export_dir, version=4)
+    assert os.listdir(export_dir) == []
+
+
+def test_export_without_extras(backbone, tmp_path):
+    version_dir = export_to(backbone, tmp_path / "model", warmup_requests=False, keras_file=False)
+    assert not os.path.exists(os.path.join(version_dir, export.KERAS_FILENAME))
+    assert sorted(os.listdir(os.path.join(version_dir, "assets.extra"))) == [export.METADATA_FILENAME]
+
+
+def run_saved_model_cli(*args):
+    # saved_model_cli is TensorFlow's own command, so it never imports mixco_tf.
+    command = os.path.join(os.path.dirname(sys.executable), "saved_model_cli")
+    completed = subprocess.run(
+        [command, *args],
+        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    return completed.stdout
+
+
+def test_saved_model_cli_show(exported):
+    _, version_dir = exported
+    output = run_saved_model_cli("show", "--dir", version_dir, "--all")
+    default = output[output.index("signature_def['serving_default']") :]
+    default = default[: default.index("Method name")]
+    assert "inputs['images'] tensor_info:" in default
+    assert "dtype: DT_UINT8" in default
+    assert "shape: (-1, -1, -1, 3)" in default
+    assert "outputs['features'] tensor_info:" in default
+    assert "dtype: DT_FLOAT" in default
+    assert f"shape: (-1, {FEATURE_DIM})" in default
+    normalized = output[output.index("signature_def['serving_normalized']") :]
+    assert f"shape: (-1, {IMAGE_SIZE}, {IMAGE_SIZE}, 3)" in normalized
+
+
+@pytest.mark.parametrize("batch", [1, 7])
+def test_saved_model_cli_run(backbone, exported, tmp_path, batch):
+    _, version_dir = exported
+    images = np.random.default_rng(batch).integers(0, 256, size=(batch, 23, 30, 3), dtype=np.uint8)
+    np.save(tmp_path / "images.npy", images)
+    run_saved_model_cli(
+        "run", "--dir", version_dir, "--tag_set", "serve", "--signature_def", "serving_default",
+        "--inputs", f"images={tmp_path / 'images.npy'}", "--outdir", str(tmp_path / "out"),
+    )
+    features = np.load(tmp_path / "out" / "features.npy")
+    expected = backbone(resize_and_normalize(images, IMAGE_SIZE, MEAN, STD), training=False).numpy()
+    assert features.shape == (batch, FEATURE_DIM)
+    np.testing.assert_allclose(features, expected, atol=1e-4)
+
+
+def test_onnx_export_matches_saved_model(backbone, exported, tmp_path):
+    onnxruntime = pytest.importorskip("onnxruntime")
+    pytest.importorskip("tf2onnx")
+    _, saved_model_dir = exported
+    version_dir = export.export_backbone_onnx(
+        backbone, str(tmp_path / "onnx"), image_size=IMAGE_SIZE, mean=MEAN, std=STD
+    )
+    assert sorted(os.listdir(version_dir)) == [export.METADATA_FILENAME, export.ONNX_FILENAME]
+    assert os.listdir(tmp_path / "onnx") == ["1"]
+
+    session = onnxruntime.InferenceSession(
+        os.path.join(version_dir, export.ONNX_FILENAME), providers=["CPUExecutionProvider"]
+    )
+    assert [(value.name, value.shape) for value in session.get_inputs()] == [
+        ("images", ["batch", IMAGE_SIZE, IMAGE_SIZE, 3])
+    ]
+    assert [(value.name, value.shape) for value in session.get_outputs()] == [("features", ["batch", FEATURE_DIM])]
+
+    serving_normalized = tf.saved_model.load(saved_model_dir).signatures["serving_normalized"]
+    for batch in (1, 7):
+        images = resize_and_normalize(
+            np.random.default_rng(batch).integers(0, 256, size=(batch, 20, 20, 3), dtype=np.uint8),
+            IMAGE_SIZE, MEAN, STD,
+        ).numpy()
+        (onnx_features,) = session.run(["features"], {"images": images})
+        saved_model_features = serving_normalized(images=tf.constant(images))["features"].numpy()
+        np.testing.assert_allclose(onnx_features, saved_model_features, atol=1e-4)
+
+
+def test_onnx_export_rejects_existing_version(backbone, tmp_path):
+    pytest.importorskip("tf2onnx")
+    base = tmp_path / "onnx"
+    export.export_backbone_onnx(backbone, str(base), image_size=IMAGE_SIZE, mean=MEAN, std=STD)
+    with pytest.raises(ValueError, match="already exists"):
+        export.export_backbone_onnx(backbone, str(base), image_size=IMAGE_SIZE, mean=MEAN, std=STD)
