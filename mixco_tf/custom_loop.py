@@ -26,6 +26,7 @@ def fit_with_strategy_run(
     *,
     epochs,
     steps_per_epoch,
+    per_replica_batch_size,
     initial_epoch=0,
     callbacks=(),
     verbose=2,
@@ -42,6 +43,9 @@ def fit_with_strategy_run(
             yield at least `steps_per_epoch` batches on every replica.
         epochs: index of the last epoch plus one, as in `fit`.
         steps_per_epoch: steps of each epoch, the same on every worker.
+        per_replica_batch_size: batch size of each replica's batches. The distributed
+            iterator of a multi-worker strategy reports an unknown batch dimension, so
+            the loop restores it for the train step.
         initial_epoch: epoch to start from (a resumed run's completed epochs).
         callbacks: Keras callbacks; they receive the same calls as in `fit`.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
@@ -51,9 +55,15 @@ def fit_with_strategy_run(
     """
     distributed = strategy.distribute_datasets_from_function(dataset_fn)
 
+    def replica_step(batch):
+        batch = tf.nest.map_structure(
+            lambda t: tf.ensure_shape(t, [per_replica_batch_size, *t.shape[1:]]), batch
+        )
+        return model.train_step(batch)
+
     @tf.function
     def train_step(iterator):
-        strategy.run(model.train_step, args=(next(iterator),))
+        strategy.run(replica_step, args=(next(iterator),))
         # In cross-replica context a metric's result reads its variables summed over
         # all replicas, so these are means over the global batch.
         return {metric.name: metric.result() for metric in model.metrics}

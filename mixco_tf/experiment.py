@@ -356,6 +356,7 @@ def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_
                 dataset_fn,
                 epochs=config.epochs,
                 steps_per_epoch=steps_per_epoch,
+                per_replica_batch_size=config.batch_size // strategy.num_replicas_in_sync,
                 initial_epoch=start_epoch,
                 callbacks=callbacks,
                 verbose=verbose,

@@ -66,7 +66,8 @@ class MixCo(keras.Model):
                 replicas (BatchNorm with all-reduced statistics, no shuffle); the query
                 encoder is as in "shuffle". On one device this is plain BatchNorm.
             "none": no normalization layers in either encoder (for ablations and for
-                checks that must not depend on how a batch is split over replicas).
+                checks that must not depend on how a batch is split over replicas). The
+                keys are still shuffled as in "shuffle", which then changes nothing.
         seed: seed of the in-graph randomness (mixing weights, key shuffle, queue init).
         **kwargs: passed to `keras.Model`.
     """
@@ -173,22 +174,22 @@ class MixCo(keras.Model):
 
         The batch is shuffled before the key encoder and unshuffled after it, so each
         split-BatchNorm group draws its statistics from a random subset of the batch.
-        With several replicas and `batch_norm="shuffle"`, the shuffle spans the global
-        batch (Shuffle-BN): see `_encode_keys_shuffled_across_replicas`.
+        With several replicas and `batch_norm` other than "synchronized", the shuffle
+        spans the global batch (Shuffle-BN): see `_encode_keys_shuffled_across_replicas`.
 
         Args:
             images: this replica's key view, float `[batch, height, width, 3]`.
         """
         replica_id, num_replicas = distribute.replica_position()
-        if num_replicas > 1 and self.batch_norm == "shuffle":
+        if num_replicas > 1 and self.batch_norm != "synchronized":
             return tf.stop_gradient(self._encode_keys_shuffled_across_replicas(images, replica_id))
         batch_size = tf.shape(images)[0]
-        if self.key_bn_splits > 1 and self.batch_norm == "shuffle":
+        if self.key_bn_splits > 1 and self.batch_norm != "synchronized":
             permutation = tf.argsort(keras.random.uniform([batch_size], seed=self.seed_generator))
             images = tf.gather(images, permutation)
         projections = self.key_projection_head(self.key_backbone(images, training=True), training=True)
         keys = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1)
-        if self.key_bn_splits > 1 and self.batch_norm == "shuffle":
+        if self.key_bn_splits > 1 and self.batch_norm != "synchronized":
             keys = tf.gather(keys, tf.argsort(permutation))
         return tf.stop_gradient(keys)
 
