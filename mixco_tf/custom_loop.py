@@ -30,6 +30,7 @@ def fit_with_strategy_run(
     initial_epoch=0,
     callbacks=(),
     verbose=2,
+    jit_compile=False,
 ):
     """Trains `model` like `model.fit`, one `strategy.run(model.train_step)` per step.
 
@@ -49,6 +50,7 @@ def fit_with_strategy_run(
         initial_epoch: epoch to start from (a resumed run's completed epochs).
         callbacks: Keras callbacks; they receive the same calls as in `fit`.
         verbose: 0 silent, 1 progress bar, 2 one line per epoch.
+        jit_compile: compile the step with XLA (one replica only, as in `fit`).
 
     Returns:
         The `keras.callbacks.History` of the epochs trained.
@@ -61,9 +63,14 @@ def fit_with_strategy_run(
         )
         return model.train_step(batch)
 
+    # The iterator stays outside the XLA function: XLA cannot compile its ops.
+    @tf.function(jit_compile=jit_compile)
+    def run_step(batch):
+        strategy.run(replica_step, args=(batch,))
+
     @tf.function
     def train_step(iterator):
-        strategy.run(replica_step, args=(next(iterator),))
+        run_step(next(iterator))
         # In cross-replica context a metric's result reads its variables summed over
         # all replicas, so these are means over the global batch.
         return {metric.name: metric.result() for metric in model.metrics}

@@ -132,6 +132,17 @@ def _create_tpu_strategy():
     return strategy
 
 
+def strategy_name(strategy):
+    """Returns the `STRATEGIES` name of a created strategy, with `auto` resolved."""
+    if is_multi_worker(strategy):
+        return "multi_worker"
+    if isinstance(strategy, tf.distribute.MirroredStrategy):
+        return "mirrored"
+    if isinstance(strategy, tf.distribute.TPUStrategy):
+        return "tpu"
+    return "one_device"
+
+
 def is_multi_worker(strategy):
     """Returns whether `strategy` is a `MultiWorkerMirroredStrategy` (one worker or more)."""
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)

@@ -221,7 +221,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
         "final_metrics": _final_metrics(history, model_dir),
         "export_dir": export_dir,
         "pretrain_seconds": round(pretrain_seconds, 1),
-        "strategy": type(strategy).__name__,
+        "strategy": distribute.strategy_name(strategy),
         "num_replicas": strategy.num_replicas_in_sync,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
@@ -360,6 +360,7 @@ def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_
                 initial_epoch=start_epoch,
                 callbacks=callbacks,
                 verbose=verbose,
+                jit_compile=config.jit_compile,
             )
     with interrupt_guard:
         return model.fit(

@@ -125,7 +125,7 @@ def check_replicas_match_one_device():
             name: float(np.abs(a.astype(np.float64) - b).max())
             for name, a, b in zip(one["names"], one["final"], two["final"])
         },
-        "smallest_largest_update": min(
+        "largest_update": max(
             float(np.abs(a.astype(np.float64) - b).max())
             for a, b, is_float in zip(one["initial"], one["final"], one["float"])
             if is_float
