@@ -12,7 +12,10 @@ from mixco_tf.models import MixCo
 
 BATCH = 8
 IMAGE = 8
-STEPS = 3
+# LossScaleOptimizer starts at a scale of 2**15, which overflows float16 gradients here;
+# it halves the scale and skips the step until they fit (4 steps in this setting), so
+# the float16 weights move only after that.
+STEPS = 8
 
 
 @contextlib.contextmanager
@@ -25,20 +28,22 @@ def _dtype_policy(name):
         keras.config.set_dtype_policy(previous)
 
 
-def _model(precision, jit_compile=False):
+def _model(precision, jit_compile=False, **overrides):
+    settings = dict(
+        backbone="resnet18",
+        stem="cifar",
+        width_multiplier=0.0625,
+        projection_dim=8,
+        queue_size=32,
+        moco_momentum=0.9,
+        key_bn_splits=2,
+        weight_decay=1e-4,
+        seed=3,
+    )
+    settings.update(overrides)
     keras.utils.set_random_seed(0)
     with _dtype_policy(precision):
-        model = MixCo(
-            backbone="resnet18",
-            stem="cifar",
-            width_multiplier=0.0625,
-            projection_dim=8,
-            queue_size=32,
-            moco_momentum=0.9,
-            key_bn_splits=2,
-            weight_decay=1e-4,
-            seed=3,
-        )
+        model = MixCo(**settings)
     model.compile(optimizer=keras.optimizers.SGD(0.05, momentum=0.9), jit_compile=jit_compile)
     model.optimizer.build(model.trainable_variables)
     return model
@@ -62,8 +67,8 @@ class _BatchLosses(keras.callbacks.Callback):
         self.losses.append(logs["loss"])
 
 
-def _train(precision, jit_compile=False):
-    model = _model(precision, jit_compile)
+def _train(precision, jit_compile=False, **overrides):
+    model = _model(precision, jit_compile, **overrides)
     initial = [w.numpy() for w in model.trainable_weights]
     recorder = _BatchLosses()
     model.fit(_dataset(), epochs=1, verbose=0, callbacks=[recorder])
@@ -81,18 +86,20 @@ def test_low_precision_trains(precision, float32_run):
     """Finite losses, weights that move, and step 1's loss close to float32's.
 
     Tolerance: the encoders' activations carry a relative rounding error of about
-    2**-11 in float16 and 2**-8 in bfloat16, amplified by 1 / T_mix = 20 in the mix
-    logits. Measured differences of step 1's loss (about 6 here) were below 0.01
-    (float16) and 0.05 (bfloat16); the bounds leave a factor of about 4. A loss still
-    multiplied by the float16 loss scale (32768) would be off by orders of magnitude.
+    2**-11 in float16 and 2**-8 in bfloat16 per layer, and 1 / T_mix = 20 amplifies the
+    embeddings' error in the mix logits. Step 1's loss here is about 10.7; measured
+    differences to float32 were below 0.04 (float16) and 0.29 (bfloat16), and the
+    bounds allow about twice that. A logged loss still multiplied by the float16 loss
+    scale (32768) would be off by orders of magnitude.
     """
     model, step_losses, moved = _train(precision)
     _, float32_losses, _ = float32_run
 
     assert model.compute_dtype == precision.split("_")[1]
+    assert len(step_losses) == STEPS
     assert all(np.isfinite(step_losses)), step_losses
     assert moved > 1e-4
-    tolerance = {"mixed_float16": 0.04, "mixed_bfloat16": 0.2}[precision]
+    tolerance = {"mixed_float16": 0.1, "mixed_bfloat16": 0.6}[precision]
     assert step_losses[0] == pytest.approx(float32_losses[0], abs=tolerance)
 
 
@@ -120,9 +127,17 @@ def test_float16_logits_row_matches_float64():
 
 
 @pytest.mark.slow
-def test_jit_compile_matches_graph_mode(float32_run):
-    """XLA fuses and reorders float32 ops, so losses agree to rounding, not bitwise."""
-    _, jit_losses, _ = _train("float32", jit_compile=True)
-    _, float32_losses, _ = float32_run
+def test_jit_compile_matches_graph_mode():
+    """The XLA-compiled step trains like the graph-mode step.
 
-    np.testing.assert_allclose(jit_losses, float32_losses, rtol=1e-4)
+    XLA's stateless random ops return other numbers than graph mode's for the same
+    seed, so the check uses a step that draws none: MoCo-v2 (no mixing weights) and no
+    key shuffle. XLA also fuses and reorders float32 ops, so losses agree to rounding,
+    not bitwise, and the rounding differences grow with each SGD step on this random
+    data: the first 4 losses agreed within 1e-4 relative, the 7th differed by 1e-2.
+    """
+    deterministic = dict(mix_weight=0.0, key_bn_splits=1)
+    _, jit_losses, _ = _train("float32", jit_compile=True, **deterministic)
+    _, graph_losses, _ = _train("float32", **deterministic)
+
+    np.testing.assert_allclose(jit_losses[:3], graph_losses[:3], rtol=1e-4)
