@@ -392,9 +392,9 @@ def _check_batch_size(batch_size, key_bn_splits, queue_size, num_replicas=1):
         )
     if batch_size * num_replicas > queue_size:
         raise ValueError(
-            f"queue_size={queue_size} is smaller than the global batch size "
-            f"{batch_size * num_replicas}; one batch of keys would overwrite itself. Use a "
-            "queue of at least one global batch."
+            f"queue_size={queue_size} is smaller than the batch size "
+            f"{batch_size * num_replicas} (the global batch of all replicas); one batch of "
+            "keys would overwrite itself. Use a queue of at least one global batch."
         )
 
 
