@@ -85,6 +85,13 @@ def fit_with_strategy_run(
         steps=steps_per_epoch,
     )
     history = next(c for c in callback_list.callbacks if isinstance(c, keras.callbacks.History))
+    logger.info(
+        "Training with a strategy.run loop: %d replicas, %d steps per epoch, epochs %d to %d.",
+        strategy.num_replicas_in_sync,
+        steps_per_epoch,
+        initial_epoch + 1,
+        epochs,
+    )
     model.stop_training = False
     logs = {}
     callback_list.on_train_begin()

@@ -279,6 +279,7 @@ def _build_compiled_model(config, strategy, steps_per_epoch):
         distribute.check_global_batch(config.batch_size, num_replicas, key_splits)
     except ValueError as error:
         raise ConfigError(f"{error} (strategy={config.strategy})") from error
+
     if config.jit_compile and num_replicas > 1:
         # Keras compiles strategy.run with all replicas into one XLA function, and XLA
         # cannot run one function on variables placed on several devices (TF 2.21).
@@ -287,6 +288,7 @@ def _build_compiled_model(config, strategy, steps_per_epoch):
             f"replica only, and strategy={config.strategy} runs {num_replicas}. Pass "
             "--jit_compile=false, or train on one device."
         )
+
     # The layers take the global dtype policy when they are created, so it is set for
     # the model only and restored for the rest of the process.
     previous_policy = keras.config.dtype_policy()
@@ -295,6 +297,7 @@ def _build_compiled_model(config, strategy, steps_per_epoch):
         model = build_model(config)
     finally:
         keras.config.set_dtype_policy(previous_policy)
+
     # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
     model.compile(
         optimizer=build_optimizer(config, steps_per_epoch),

@@ -116,18 +116,20 @@ def check_replicas_match_one_device():
             "names": [f"{i}:{w.path}" for i, w in enumerate(model.weights)],
             "float": [w.dtype == "float32" for w in model.weights],
         }
-    one, two = results["one_device"], results["mirrored"]
+    single, mirrored = results["one_device"], results["mirrored"]
     return {
-        "loss_one_device": one["loss"],
-        "loss_mirrored": two["loss"],
-        "initial_difference": max(float(np.abs(a - b).max()) for a, b in zip(one["initial"], two["initial"])),
+        "loss_one_device": single["loss"],
+        "loss_mirrored": mirrored["loss"],
+        "initial_difference": max(
+            float(np.abs(a - b).max()) for a, b in zip(single["initial"], mirrored["initial"])
+        ),
         "final_difference": {
             name: float(np.abs(a.astype(np.float64) - b).max())
-            for name, a, b in zip(one["names"], one["final"], two["final"])
+            for name, a, b in zip(single["names"], single["final"], mirrored["final"])
         },
         "largest_update": max(
             float(np.abs(a.astype(np.float64) - b).max())
-            for a, b, is_float in zip(one["initial"], one["final"], one["float"])
+            for a, b, is_float in zip(single["initial"], single["final"], single["float"])
             if is_float
         ),
     }
