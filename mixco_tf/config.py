@@ -18,8 +18,9 @@ METHODS = ("mixco", "moco")
 PLANNED_METHODS = ("simclr", "simclr_mixco")
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
-STRATEGIES = ("auto", "one_device")
-PRECISIONS = ("float32",)
+STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
+PRECISIONS = ("float32", "mixed_float16", "mixed_bfloat16")
+BATCH_NORMS = ("shuffle", "synchronized", "none")
 # Keys that may differ when a run resumes in an existing model_dir: where files are,
 # how long to train and how steps execute. Every other key shapes the model or the
 # optimization, so changing it mid-run would make the run's config.yaml false.
@@ -73,6 +74,7 @@ class Config:
     mix_temperature: float = 0.05
     mix_weight: float = 1.0
     key_bn_splits: int = 8
+    batch_norm: str = "shuffle"
 
     # Augmentation: MoCo-v2's, less strong for digits, which are tiny, grayscale and
     # not mirror-symmetric (no flip, no blur, crops of at least 40% of the area).
@@ -107,6 +109,7 @@ class Config:
         _choice(self, "stem", STEMS)
         _choice(self, "strategy", STRATEGIES)
         _choice(self, "precision", PRECISIONS)
+        _choice(self, "batch_norm", BATCH_NORMS)
         _positive(self, "width_multiplier")
         _positive(self, "projection_dim")
         _positive(self, "epochs")
@@ -320,7 +323,7 @@ HELP = {
     "width_multiplier": "Multiplier of every layer's channel count; below 1 for fast CPU runs.",
     "projection_dim": "Output size of the MLP projection head.",
     "image_size": "Side of the square training views, in pixels.",
-    "batch_size": "Global batch size (even, because MixCo mixes the two halves).",
+    "batch_size": "Global batch size, split evenly over the replicas; each replica's share must be even, because MixCo mixes its two halves.",
     "epochs": "Pretraining epochs.",
     "learning_rate": "Peak SGD learning rate, reached after the warm-up and decayed with a cosine.",
     "warmup_epochs": "Epochs of linear learning-rate warm-up from 0.",
@@ -331,7 +334,8 @@ HELP = {
     "temperature": "Temperature T of the InfoNCE loss.",
     "mix_temperature": "Temperature T_mix of the MixCo loss.",
     "mix_weight": "beta, the weight of the MixCo loss; 0 trains plain MoCo-v2.",
-    "key_bn_splits": "Groups of the key encoder's split BatchNorm (Shuffle-BN on one device); 1 disables it.",
+    "key_bn_splits": "Groups of the key encoder's split BatchNorm on each replica (Shuffle-BN on one device); 1 disables it.",
+    "batch_norm": "Encoder normalization: shuffle (Shuffle-BN in the key encoder, across replicas), synchronized (key encoder BatchNorm over the global batch) or none.",
     "crop_min_scale": "Smallest area fraction of the random resized crop.",
     "brightness": "Color-jitter brightness strength (factor drawn from [1 - b, 1 + b]).",
     "contrast": "Color-jitter contrast strength.",
@@ -342,10 +346,10 @@ HELP = {
     "blur_prob": "Probability of blurring a view.",
     "blur_max_sigma": "Largest Gaussian-blur sigma, in pixels (the smallest is 0.1).",
     "flip_prob": "Probability of a horizontal flip (0 for data that is not mirror-symmetric).",
-    "strategy": "Distribution strategy: auto or one_device.",
-    "cpu_devices": "Logical CPU devices to split the host into (0 keeps one).",
-    "precision": "Keras dtype policy; float32 only in this version.",
-    "jit_compile": "Compile the train step with XLA.",
+    "strategy": "Distribution strategy: auto (mirrored with several GPUs or cpu_devices, else one_device), one_device, mirrored, multi_worker (cluster from TF_CONFIG) or tpu.",
+    "cpu_devices": "Logical CPU devices to split the host into, e.g. 2 to train mirrored replicas without GPUs (0 keeps one).",
+    "precision": "Keras dtype policy: float32, mixed_float16 (with loss scaling) or mixed_bfloat16; losses stay float32.",
+    "jit_compile": "Compile the train step with XLA (one replica only).",
     "steps_per_execution": "Train steps per compiled call; more means fewer host round trips.",
     "seed": "Seed of weights, data order, augmentation and in-graph randomness.",
     "eval_batch_size": "Batch size of feature extraction for evaluation.",

@@ -9,7 +9,9 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import sys
+import tempfile
 import time
 
 import keras
@@ -17,7 +19,8 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from mixco_tf import augment, callbacks as callbacks_lib, checkpointing, evaluation, export
+from mixco_tf import augment, checkpointing, custom_loop, distribute, evaluation, export
+from mixco_tf import callbacks as callbacks_lib
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
 from mixco_tf.data import available_datasets, load_dataset
@@ -60,6 +63,7 @@ def build_model(config):
         weight_decay=config.weight_decay,
         key_bn_splits=config.key_bn_splits,
         seed=config.seed,
+        batch_norm=config.batch_norm,
         name="mixco",
     )
 
@@ -120,50 +124,58 @@ def run_experiment(config, evaluate=True, overwrite=False):
     model_dir = config.resolved_model_dir()
     config = _with_model_dir(config, model_dir)
     _check_dataset_name(config)
-    if overwrite:
+    # First TensorFlow work of the run: logical CPU devices and multi-worker collectives
+    # can only be set up before the runtime starts.
+    strategy = _create_strategy(config)
+    chief = distribute.is_chief(strategy)
+    if overwrite and chief:
         checkpointing.clear_run(model_dir)
-    state = _read_resumable_state(config, model_dir)
+    # A worker other than the chief trains from scratch under --overwrite, because the
+    # chief may be deleting the old backup while it would read it.
+    state = None if overwrite and not chief else _read_resumable_state(config, model_dir)
     finished = _finished_results(config, model_dir, state)
     if finished is not None:
         return finished
 
-    os.makedirs(model_dir, exist_ok=True)
     keras.utils.set_random_seed(config.seed)
     splits = _load_data(config)
     steps_per_epoch = _check_data_fits_config(config, splits)
-    checkpointing.write_text_atomically(
-        os.path.join(model_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
-    )
-    logger.info("Run directory: %s", os.path.abspath(model_dir))
+    if chief:
+        os.makedirs(model_dir, exist_ok=True)
+        checkpointing.write_text_atomically(
+            os.path.join(model_dir, "config.yaml"), yaml.safe_dump(config.to_dict(), sort_keys=False)
+        )
+        logger.info("Run directory: %s", os.path.abspath(model_dir))
 
-    model = build_model(config)
-    model.compile(
-        optimizer=build_optimizer(config, steps_per_epoch),
-        jit_compile=config.jit_compile,
-        steps_per_execution=config.steps_per_execution,
-    )
-    # Creates the slot variables and the iteration count now, in the same order on a
-    # fresh start and on a resume, so that a backup loads into existing variables.
-    model.optimizer.build(model.trainable_variables)
-    start_epoch = 0
-    if state is not None:
-        checkpointing.restore_training_state(model, model_dir, state)
-        start_epoch = state["epoch"]
-        checkpointing.truncate_history(model_dir, start_epoch)
-        checkpointing.truncate_tensorboard_events(os.path.join(model_dir, "logs"), start_epoch)
-        logger.info("Resuming after epoch %d of %d.", start_epoch, config.epochs)
+    with strategy.scope():
+        model = _build_compiled_model(config, strategy, steps_per_epoch)
+        start_epoch = 0
+        if state is not None:
+            checkpointing.restore_training_state(model, model_dir, state)
+            start_epoch = state["epoch"]
+            if chief:
+                checkpointing.truncate_history(model_dir, start_epoch)
+                checkpointing.truncate_tensorboard_events(os.path.join(model_dir, "logs"), start_epoch)
+            logger.info("Resuming after epoch %d of %d.", start_epoch, config.epochs)
 
-    train_views = augment.two_view_dataset(
-        splits.train,
-        image_size=config.image_size,
-        mean=splits.mean,
-        std=splits.std,
-        batch_size=config.batch_size,
-        config=augment_config(config),
-        seed=pipeline_seed(config.seed, start_epoch),
-        # Large image folders are already cached in a file by their loader.
-        cache=splits.fits_in_memory,
-    )
+    def dataset_fn(input_context=None):
+        images, batch_size = splits.train, config.batch_size
+        if input_context is not None:
+            # Each worker reads its own shard of the images and batches per replica.
+            images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+            batch_size = input_context.get_per_replica_batch_size(config.batch_size)
+        return augment.two_view_dataset(
+            images,
+            image_size=config.image_size,
+            mean=splits.mean,
+            std=splits.std,
+            batch_size=batch_size,
+            config=augment_config(config),
+            seed=pipeline_seed(config.seed, start_epoch),
+            # Large image folders are already cached in a file by their loader.
+            cache=splits.fits_in_memory,
+        )
+
     logger.info(
         "Pretraining %s on %s: %d images, %d steps per epoch, epochs %d to %d.",
         config.method,
@@ -174,8 +186,24 @@ def run_experiment(config, evaluate=True, overwrite=False):
         config.epochs,
     )
     pretrain_started = time.time()
-    history = _fit(model, train_views, config, model_dir, start_epoch, splits)
+    scratch_dir = None if chief else tempfile.mkdtemp(prefix="mixco-worker-")
+    try:
+        history = _fit(
+            model, strategy, dataset_fn, config, scratch_dir or model_dir, start_epoch, steps_per_epoch, splits
+        )
+    finally:
+        if scratch_dir:
+            shutil.rmtree(scratch_dir, ignore_errors=True)
     pretrain_seconds = time.time() - pretrain_started
+    if strategy.num_replicas_in_sync > 1:
+        logger.info(
+            "Final weights of %s: SHA-256 %s.",
+            distribute.describe_task(strategy),
+            distribute.weights_digest(model.get_weights()),
+        )
+    if not chief:
+        logger.info("Training done; the chief writes the export and results.json.")
+        return {"chief": False, "epochs_completed": config.epochs, "pretrain_seconds": round(pretrain_seconds, 1)}
 
     export_base = os.path.join(model_dir, EXPORT_NAME)
     export_dir = export.export_backbone(
@@ -201,6 +229,8 @@ def run_experiment(config, evaluate=True, overwrite=False):
         "final_metrics": _final_metrics(history, model_dir),
         "export_dir": export_dir,
         "pretrain_seconds": round(pretrain_seconds, 1),
+        "strategy": distribute.strategy_name(strategy),
+        "num_replicas": strategy.num_replicas_in_sync,
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
     if evaluate and (splits.unlabeled or splits.num_test == 0):
@@ -244,8 +274,63 @@ def pipeline_seed(seed, start_epoch):
     return int(np.random.SeedSequence([seed, start_epoch]).generate_state(1)[0])
 
 
-def _fit(model, train_views, config, model_dir, start_epoch, splits=None):
-    """Runs `model.fit` from `start_epoch` with the checkpoint, guard and log callbacks.
+def _create_strategy(config):
+    try:
+        return distribute.create_strategy(config.strategy, config.cpu_devices)
+    except distribute.StrategyError as error:
+        raise ConfigError(str(error)) from error
+
+
+def _build_compiled_model(config, strategy, steps_per_epoch):
+    """Builds and compiles the model under `config.precision`; call it in `strategy.scope()`."""
+    num_replicas = strategy.num_replicas_in_sync
+    try:
+        key_splits = config.key_bn_splits if config.batch_norm == "shuffle" else 1
+        distribute.check_global_batch(config.batch_size, num_replicas, key_splits)
+    except ValueError as error:
+        raise ConfigError(f"{error} (strategy={config.strategy})") from error
+
+    if config.jit_compile and num_replicas > 1:
+        # Keras compiles strategy.run with all replicas into one XLA function, and XLA
+        # cannot run one function on variables placed on several devices (TF 2.21).
+        raise ConfigError(
+            f"Invalid config value jit_compile=True: XLA compiles the train step of one "
+            f"replica only, and strategy={config.strategy} runs {num_replicas}. Pass "
+            "--jit_compile=false, or train on one device."
+        )
+
+    # The layers take the global dtype policy when they are created, so it is set for
+    # the model only and restored for the rest of the process.
+    previous_policy = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(config.precision)
+    try:
+        model = build_model(config)
+    finally:
+        keras.config.set_dtype_policy(previous_policy)
+
+    # Under mixed_float16, compile wraps the optimizer in a LossScaleOptimizer.
+    model.compile(
+        optimizer=build_optimizer(config, steps_per_epoch),
+        jit_compile=config.jit_compile,
+        steps_per_execution=config.steps_per_execution,
+    )
+    # Creates the slot variables and the iteration count now, in the same order on a
+    # fresh start and on a resume, so that a backup loads into existing variables.
+    model.optimizer.build(model.trainable_variables)
+    logger.info(
+        "Model built for %d replica(s), per-replica batch %d, precision %s.",
+        num_replicas,
+        config.batch_size // num_replicas,
+        config.precision,
+    )
+    return model
+
+
+def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_epoch, splits=None):
+    """Trains from `start_epoch` with the checkpoint, guard and log callbacks.
+
+    `model.fit` runs every strategy but `MultiWorkerMirroredStrategy`, which
+    `custom_loop.fit_with_strategy_run` drives with the same callbacks.
 
     Returns the `History`, or None when the backup already contains all `config.epochs`.
     """
@@ -278,15 +363,34 @@ def _fit(model, train_views, config, model_dir, start_epoch, splits=None):
             os.path.join(model_dir, checkpointing.HISTORY_FILE), append=start_epoch > 0
         ),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+        # Before the checkpoint, so that every replica holds, and the checkpoint stores,
+        # the replicas' mean BatchNorm statistics.
+        distribute.make_batch_norm_sync_callback(
+            strategy, [model.backbone, model.projection_head, model.key_backbone, model.key_projection_head]
+        ),
         # Last, because its backup marks the epoch as done: an epoch's history row is
         # then always written before the backup that a resumed run starts from.
         checkpointing.EpochCheckpoint(model_dir),
     ]
     # A progress bar on a terminal, one line per epoch in a log file.
     verbose = 1 if sys.stdout.isatty() else 2
+    if distribute.is_multi_worker(strategy):
+        with interrupt_guard:
+            return custom_loop.fit_with_strategy_run(
+                model,
+                strategy,
+                dataset_fn,
+                epochs=config.epochs,
+                steps_per_epoch=steps_per_epoch,
+                per_replica_batch_size=config.batch_size // strategy.num_replicas_in_sync,
+                initial_epoch=start_epoch,
+                callbacks=callbacks,
+                verbose=verbose,
+                jit_compile=config.jit_compile,
+            )
     with interrupt_guard:
         return model.fit(
-            train_views,
+            dataset_fn(),
             initial_epoch=start_epoch,
             epochs=config.epochs,
             callbacks=callbacks,
@@ -427,6 +531,9 @@ def _final_metrics(history, model_dir):
 def print_summary(results):
     """Prints the evaluation table of a run to stdout."""
     lines = [f"Run finished: {results['epochs_completed']} epochs in {results['pretrain_seconds']} s of pretraining."]
+    if results.get("chief") is False:
+        print(lines[0] + " This worker is not the chief, which writes the results.")
+        return
     if "evaluation" in results:
         lines.append(f"{'protocol':<20} {'pretrained':>11} {'random init':>12}")
         for key in ("linear_top1", "linear_5shot_top1", "knn_top1"):

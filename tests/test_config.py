@@ -74,6 +74,9 @@ def test_types_are_converted():
         ({"crop_min_scale": 0.0}, "crop_min_scale"),
         ({"hue": 0.7}, "hue"),
         ({"epochs": 0}, "epochs"),
+        ({"strategy": "gpus"}, "strategy"),
+        ({"precision": "float64"}, "precision"),
+        ({"batch_norm": "group"}, "batch_norm"),
     ],
 )
 def test_invalid_values_name_the_key(changes, key):
@@ -147,3 +150,16 @@ def test_moco_records_zero_mix_weight():
 def test_moco_with_mix_weight_is_a_conflict():
     with pytest.raises(ValueError, match="mix_weight"):
         config_lib.from_dict({"method": "moco", "mix_weight": 0.5}).validate()
+
+
+@pytest.mark.parametrize(
+    "key, values",
+    [
+        ("strategy", ["auto", "one_device", "mirrored", "multi_worker", "tpu"]),
+        ("precision", ["float32", "mixed_float16", "mixed_bfloat16"]),
+        ("batch_norm", ["shuffle", "synchronized", "none"]),
+    ],
+)
+def test_execution_choices_are_valid(key, values):
+    for value in values:
+        dataclasses.replace(config_lib.Config(), **{key: value}).validate()

@@ -24,6 +24,9 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
     frozen (`trainable=False`): a momentum key encoder is frozen for the optimizer but
     must still normalize with batch statistics, as MoCo's key encoder does.
 
+    With `synchronized=True` (and `num_splits=1`) the statistics are those of the
+    global batch: sums over every replica's batch, all-reduced in replica context.
+
     Args:
         num_splits: number of groups. The batch size must be divisible by it.
         **kwargs: passed to `keras.layers.BatchNormalization`. Only channels-last
@@ -40,6 +43,11 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
             raise ValueError(f"num_splits must be a positive integer, got {num_splits}.")
         if self.axis not in (-1,):
             raise ValueError(f"SplitBatchNormalization supports axis=-1 only, got axis={self.axis}.")
+        if self.synchronized and num_splits != 1:
+            raise ValueError(
+                f"SplitBatchNormalization with synchronized=True normalizes over the global "
+                f"batch, so num_splits must be 1; got num_splits={num_splits}."
+            )
         self.num_splits = num_splits
 
     def call(self, inputs, training=None, mask=None):
@@ -57,7 +65,10 @@ class SplitBatchNormalization(keras.layers.BatchNormalization):
         shape = tf.shape(x)
         grouped = tf.reshape(x, tf.concat([[self.num_splits, -1], shape[1:]], axis=0))
         reduction_axes = list(range(1, len(inputs.shape)))
-        mean, variance = tf.nn.moments(grouped, axes=reduction_axes, keepdims=True)
+        if self.synchronized:
+            mean, variance = keras.ops.moments(grouped, axes=reduction_axes, keepdims=True, synchronized=True)
+        else:
+            mean, variance = tf.nn.moments(grouped, axes=reduction_axes, keepdims=True)
         outputs = tf.nn.batch_normalization(
             grouped,
             mean,

@@ -19,11 +19,14 @@ import logging
 import keras
 import tensorflow as tf
 
-from mixco_tf import losses
+from mixco_tf import distribute, losses
 from mixco_tf.models.batch_norm import SplitBatchNormalization
 from mixco_tf.models.resnet import build_backbone, build_projection_head
 
 logger = logging.getLogger(__name__)
+
+# Normalization of the encoders; see the `batch_norm` argument of `MixCo`.
+BATCH_NORM_MODES = ("shuffle", "synchronized", "none")
 
 
 @keras.saving.register_keras_serializable(package="mixco_tf")
@@ -50,8 +53,21 @@ class MixCo(keras.Model):
         weight_decay: L2 coefficient added to the gradients of the query encoder before
             the optimizer, like `torch.optim.SGD(weight_decay=...)` in the authors' code.
             Leave it at 0 when the optimizer applies its own decoupled weight decay.
-        key_bn_splits: groups of the key encoder's split BatchNorm on one device (the
-            Shuffle-BN substitute); 1 disables it. The batch size must be divisible by it.
+        key_bn_splits: groups of the key encoder's split BatchNorm on each replica (the
+            one-device substitute for Shuffle-BN); 1 disables it. The per-replica batch
+            size must be divisible by it.
+        batch_norm: normalization of the encoders, one of `BATCH_NORM_MODES`:
+            "shuffle" (default): the query encoder normalizes over each replica's batch;
+                the key encoder runs Shuffle-BN, i.e. with several replicas the key
+                batch is shuffled across all replicas before the key encoder and
+                unshuffled after it, and on each replica `key_bn_splits` groups are
+                normalized separately.
+            "synchronized": the key encoder normalizes over the global batch of all
+                replicas (BatchNorm with all-reduced statistics, no shuffle); the query
+                encoder is as in "shuffle". On one device this is plain BatchNorm.
+            "none": no normalization layers in either encoder (for ablations and for
+                checks that must not depend on how a batch is split over replicas). The
+                keys are still shuffled as in "shuffle", which then changes nothing.
         seed: seed of the in-graph randomness (mixing weights, key shuffle, queue init).
         **kwargs: passed to `keras.Model`.
     """
@@ -70,6 +86,7 @@ class MixCo(keras.Model):
         weight_decay=0.0,
         key_bn_splits=8,
         seed=None,
+        batch_norm="shuffle",
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -85,17 +102,18 @@ class MixCo(keras.Model):
         self.weight_decay = weight_decay
         self.key_bn_splits = key_bn_splits
         self.seed = seed
+        self.batch_norm = batch_norm
         _validate_hyperparameters(self)
 
         # Query encoder f_q = projection_head(backbone(x)): trained by the optimizer.
-        self.backbone = build_backbone(backbone, stem, width_multiplier, model_name="backbone")
+        query_batch_norm, key_batch_norm = _batch_norm_factories(batch_norm, key_bn_splits)
+        self.backbone = build_backbone(
+            backbone, stem, width_multiplier, batch_norm=query_batch_norm, model_name="backbone"
+        )
         feature_dim = self.backbone.output_shape[-1]
         self.projection_head = build_projection_head(feature_dim, projection_dim, name="projection_head")
 
         # Key encoder f_k: same architecture, split BatchNorm, moved only by momentum.
-        key_batch_norm = functools.partial(
-            SplitBatchNormalization, num_splits=key_bn_splits, momentum=0.9, epsilon=1e-5
-        )
         self.key_backbone = build_backbone(
             backbone, stem, width_multiplier, batch_norm=key_batch_norm, model_name="key_backbone"
         )
@@ -121,12 +139,7 @@ class MixCo(keras.Model):
         self.moco_loss_tracker = keras.metrics.Mean(name="moco_loss")
         self.mix_loss_tracker = keras.metrics.Mean(name="mix_loss")
         self.top1_tracker = keras.metrics.Mean(name="top1")
-        logger.info(
-            "MixCo key encoder BatchNorm: %s",
-            f"split into {key_bn_splits} groups with shuffled keys"
-            if key_bn_splits > 1
-            else "whole batch, no shuffle (Shuffle-BN disabled)",
-        )
+        logger.info("MixCo key encoder BatchNorm: %s", _describe_key_batch_norm(batch_norm, key_bn_splits))
         self.built = True
 
     # ------------------------------------------------------------------ encoders
@@ -161,16 +174,52 @@ class MixCo(keras.Model):
 
         The batch is shuffled before the key encoder and unshuffled after it, so each
         split-BatchNorm group draws its statistics from a random subset of the batch.
+        With several replicas and `batch_norm` other than "synchronized", the shuffle
+        spans the global batch (Shuffle-BN): see `_encode_keys_shuffled_across_replicas`.
+
+        Args:
+            images: this replica's key view, float `[batch, height, width, 3]`.
         """
+        replica_id, num_replicas = distribute.replica_position()
+        if num_replicas > 1 and self.batch_norm != "synchronized":
+            return tf.stop_gradient(self._encode_keys_shuffled_across_replicas(images, replica_id))
         batch_size = tf.shape(images)[0]
-        if self.key_bn_splits > 1:
+        if self.key_bn_splits > 1 and self.batch_norm != "synchronized":
             permutation = tf.argsort(keras.random.uniform([batch_size], seed=self.seed_generator))
             images = tf.gather(images, permutation)
         projections = self.key_projection_head(self.key_backbone(images, training=True), training=True)
         keys = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1)
-        if self.key_bn_splits > 1:
+        if self.key_bn_splits > 1 and self.batch_norm != "synchronized":
             keys = tf.gather(keys, tf.argsort(permutation))
         return tf.stop_gradient(keys)
+
+    def _encode_keys_shuffled_across_replicas(self, images, replica_id):
+        """Shuffle-BN across replicas, as in MoCo: every replica encodes a random slice.
+
+        All replicas gather the global key batch, permute it with the same permutation
+        (the seed generator's state is identical on every replica), and encode their
+        own slice, so each replica's BatchNorm statistics come from images of other
+        replicas. The keys are then gathered again and unshuffled, so each replica
+        returns the keys of its own images in their original order.
+
+        Args:
+            images: this replica's key view, float `[batch, height, width, 3]`.
+            replica_id: this replica's index in the sync group.
+
+        Returns:
+            float32 keys `[batch, projection_dim]`, L2-normalized.
+        """
+        batch_size = images.shape[0]
+        _, num_replicas = distribute.replica_position()
+        global_images = distribute.all_gather(images)  # [replicas * batch, h, w, 3]
+        global_size = num_replicas * batch_size
+        permutation = tf.argsort(keras.random.uniform([global_size], seed=self.seed_generator))
+        local_images = tf.gather(global_images, distribute.local_slice(permutation, replica_id, batch_size))
+        projections = self.key_projection_head(self.key_backbone(local_images, training=True), training=True)
+        local_keys = tf.math.l2_normalize(tf.cast(projections, tf.float32), axis=-1)
+        # Row j of the gathered keys is the key of global image permutation[j].
+        global_keys = tf.gather(distribute.all_gather(local_keys), tf.argsort(permutation))
+        return distribute.local_slice(global_keys, replica_id, batch_size)
 
     # ------------------------------------------------------------------ the algorithm
 
@@ -184,22 +233,44 @@ class MixCo(keras.Model):
             `(mixed, lam)`: mixed images `[batch / 2, height, width, 3]` with
             `mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[i + batch / 2]`, and
             float32 `lam` `[batch / 2]` drawn from U(0, 1).
+
+        Pairs never cross replicas: each replica mixes its own batch. Every replica draws
+        the weights of all replicas from the shared generator state and keeps its own
+        slice, so the weights are independent across replicas.
         """
         half = tf.shape(images)[0] // 2
-        lam = keras.random.uniform([half], seed=self.seed_generator)
+        replica_id, num_replicas = distribute.replica_position()
+        if num_replicas == 1:
+            lam = keras.random.uniform([half], seed=self.seed_generator)
+        else:
+            lam = keras.random.uniform([num_replicas * half], seed=self.seed_generator)
+            lam = distribute.local_slice(lam, replica_id, half)
         first, second = images[:half], images[half:]
         weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
         mixed = weights * first + (1.0 - weights) * second
         return mixed, lam
 
     def update_key_encoder(self):
-        """Moves the key encoder towards the query encoder: `k = m * k + (1 - m) * q`."""
+        """Moves the key encoder towards the query encoder: `k = m * k + (1 - m) * q`.
+
+        In replica context each replica updates its own copy. The copies stay identical
+        because the update is elementwise on inputs that are identical on every replica:
+        the optimizer applies all-reduced gradients to the query encoder.
+        """
         m = self.moco_momentum
         for query_weight, key_weight in self.key_encoder_pairs:
             key_weight.assign(m * key_weight + (1.0 - m) * query_weight)
 
     def enqueue(self, keys):
-        """Writes `keys` `[batch, dim]` into the queue at the pointer, wrapping around at K."""
+        """Writes the keys of the global batch into the queue at the pointer, wrapping at K.
+
+        Args:
+            keys: this replica's keys `[batch, dim]`. With several replicas every replica
+                gathers all replicas' keys in replica order and writes the same
+                `[replicas * batch, dim]` block, so every replica's queue stays identical
+                and the pointer advances by the global batch.
+        """
+        keys = distribute.all_gather(keys)
         batch_size = tf.shape(keys)[0]
         positions = (self.queue_pointer + tf.range(batch_size)) % self.queue_size
         self.queue.assign(tf.tensor_scatter_nd_update(self.queue, positions[:, None], keys))
@@ -207,10 +278,15 @@ class MixCo(keras.Model):
 
     def train_step(self, data):
         view_q, view_k = _unpack_views(data)
-        _check_batch_size(view_q.shape[0], self.key_bn_splits, self.queue_size)
+        _, num_replicas = distribute.replica_position()
+        _check_batch_size(view_q.shape[0], self.key_bn_splits, self.queue_size, num_replicas)
         batch_size = tf.shape(view_q)[0]
         use_mix = self.mix_weight > 0
         query_variables = self.backbone.trainable_variables + self.projection_head.trainable_variables
+        if not self.optimizer.built:
+            # Built before the step, so that a LossScaleOptimizer's scale is a variable
+            # when scale_loss and the weight decay below read it.
+            self.optimizer.build(self.trainable_variables)
 
         # 1. Mix the two halves of the query view.
         if use_mix:
@@ -241,10 +317,22 @@ class MixCo(keras.Model):
                 mix_loss = tf.constant(0.0)
             loss = moco_loss + self.mix_weight * mix_loss
 
-        # 6. Optimizer step on the query encoder, then enqueue this batch's keys.
-        gradients = tape.gradient(loss, query_variables)
+            # The optimizer sums the replicas' gradients, so each replica contributes
+            # the gradient of loss / replicas: the sum is the global batch's mean. A
+            # LossScaleOptimizer (float16) also multiplies by its loss scale here.
+            scaled_loss = self.optimizer.scale_loss(loss / num_replicas)
+
+        # 6. Optimizer step on the query encoder, then enqueue the global batch's keys.
+        gradients = tape.gradient(scaled_loss, query_variables)
         if self.weight_decay:
-            gradients = [g + self.weight_decay * v for g, v in zip(gradients, query_variables)]
+            # Scaled like the loss, so that after the sum over replicas and the loss
+            # scale's division the decay term is weight_decay * v.
+            decay = self.weight_decay / num_replicas
+            if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+                decay = decay * self.optimizer.dynamic_scale
+            gradients = [g + decay * v for g, v in zip(gradients, query_variables)]
+        if num_replicas > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            gradients = distribute.poison_unless_finite_on_all_replicas(gradients)
         self.optimizer.apply(gradients, query_variables)
         self.enqueue(k)
 
@@ -272,6 +360,7 @@ class MixCo(keras.Model):
             "weight_decay": self.weight_decay,
             "key_bn_splits": self.key_bn_splits,
             "seed": self.seed,
+            "batch_norm": self.batch_norm,
         }
 
 
@@ -288,8 +377,8 @@ def _unpack_views(data):
     return data[0], data[1]
 
 
-def _check_batch_size(batch_size, key_bn_splits, queue_size):
-    """Rejects batch sizes that cannot be mixed, split or enqueued, at trace time."""
+def _check_batch_size(batch_size, key_bn_splits, queue_size, num_replicas=1):
+    """Rejects per-replica batch sizes that cannot be mixed, split or enqueued, at trace time."""
     if batch_size is None:
         raise ValueError(
             "MixCo needs a static batch size: batch the dataset with drop_remainder=True."
@@ -301,10 +390,11 @@ def _check_batch_size(batch_size, key_bn_splits, queue_size):
             f"Batch size {batch_size} is not divisible by key_bn_splits={key_bn_splits}. "
             "Change one of them so the key batch splits into equal groups."
         )
-    if batch_size > queue_size:
+    if batch_size * num_replicas > queue_size:
         raise ValueError(
-            f"queue_size={queue_size} is smaller than the batch size {batch_size}; one "
-            "batch of keys would overwrite itself. Use a queue of at least one batch."
+            f"queue_size={queue_size} is smaller than the batch size "
+            f"{batch_size * num_replicas} (the global batch of all replicas); one batch of "
+            "keys would overwrite itself. Use a queue of at least one global batch."
         )
 
 
@@ -318,10 +408,39 @@ def _validate_hyperparameters(model):
         ("mix_weight", model.mix_weight, model.mix_weight >= 0, "non-negative"),
         ("weight_decay", model.weight_decay, model.weight_decay >= 0, "non-negative"),
         ("key_bn_splits", model.key_bn_splits, model.key_bn_splits >= 1, "a positive integer"),
+        ("batch_norm", model.batch_norm, model.batch_norm in BATCH_NORM_MODES, f"one of {list(BATCH_NORM_MODES)}"),
     ]
     for name, value, valid, expected in checks:
         if not valid:
             raise ValueError(f"Invalid {name}={value!r}: it must be {expected}.")
+
+
+def _batch_norm_factories(mode, key_bn_splits):
+    """Returns the `(query, key)` normalization-layer factories of `build_backbone`."""
+    if mode == "none":
+        identity = functools.partial(keras.layers.Identity)
+        return identity, identity
+    # PyTorch's BatchNorm momentum 0.1 is Keras's 0.9 (the weight of the old value).
+    query = functools.partial(keras.layers.BatchNormalization, momentum=0.9, epsilon=1e-5)
+    if mode == "synchronized":
+        key = functools.partial(
+            SplitBatchNormalization, num_splits=1, synchronized=True, momentum=0.9, epsilon=1e-5
+        )
+    else:
+        key = functools.partial(
+            SplitBatchNormalization, num_splits=key_bn_splits, momentum=0.9, epsilon=1e-5
+        )
+    return query, key
+
+
+def _describe_key_batch_norm(mode, key_bn_splits):
+    if mode == "none":
+        return "none (batch_norm='none')"
+    if mode == "synchronized":
+        return "statistics of the global batch, all-reduced over replicas"
+    if key_bn_splits > 1:
+        return f"Shuffle-BN: keys shuffled across replicas, {key_bn_splits} groups per replica"
+    return "Shuffle-BN across replicas; whole batch on one device (no shuffle)"
 
 
 def _normalized_normal_initializer(seed):

@@ -70,3 +70,21 @@ def test_config_round_trip():
     clone = SplitBatchNormalization.from_config(layer.get_config())
     assert clone.num_splits == 3
     assert clone.momentum == 0.8
+
+
+def test_synchronized_needs_one_split():
+    with pytest.raises(ValueError, match="num_splits must be 1; got num_splits=2"):
+        SplitBatchNormalization(num_splits=2, synchronized=True)
+
+
+def test_synchronized_on_one_device_is_batch_statistics():
+    """With one replica the all-reduced statistics are the batch's own."""
+    x = np.random.default_rng(2).normal(3.0, 2.0, size=(6, 3, 3, 2)).astype("float32")
+    layer = SplitBatchNormalization(num_splits=1, synchronized=True)
+    layer.build(x.shape)
+    layer.trainable = False
+
+    output = np.asarray(layer(x, training=True))
+
+    expected, _, _ = numpy_split_batch_norm(x, 1, np.ones(2), np.zeros(2), 1e-3)
+    np.testing.assert_allclose(output, expected, rtol=1e-4, atol=1e-4)

@@ -252,3 +252,24 @@ def test_keras_file_round_trip(tmp_path):
     np.testing.assert_array_equal(restored.queue.numpy(), model.queue.numpy())
     for original, loaded in zip(model.weights, restored.weights):
         np.testing.assert_array_equal(original.numpy(), loaded.numpy(), err_msg=original.path)
+
+
+@pytest.mark.parametrize("batch_norm", ["synchronized", "none"])
+def test_batch_norm_modes_train(batch_norm):
+    model = _model(batch_norm=batch_norm)
+    history = model.fit(_dataset(*_views(2)), epochs=1, verbose=0)
+
+    assert np.isfinite(history.history["loss"][-1])
+    assert model.get_config()["batch_norm"] == batch_norm
+
+
+def test_batch_norm_none_has_no_normalization_layers():
+    model = _model(batch_norm="none")
+    layers = model.backbone.layers + model.key_backbone.layers
+
+    assert not any(isinstance(layer, keras.layers.BatchNormalization) for layer in layers)
+
+
+def test_unknown_batch_norm_is_rejected():
+    with pytest.raises(ValueError, match="Invalid batch_norm='group'"):
+        _model(batch_norm="group")
