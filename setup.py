@@ -23,17 +23,21 @@ setuptools.setup(
         "scikit-learn>=1.2",
         "tensorboard>=2.16",
         "tensorflow-datasets>=4.9",
+        "threadpoolctl>=2.0",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest>=7.0"],
+        # Plots, the augmentation preview and examples/quickstart.ipynb.
+        "notebook": ["matplotlib>=3.6", "ipykernel>=6.0"],
+        "test": ["pytest>=7.0", "matplotlib>=3.6", "ipykernel>=6.0", "nbclient>=0.6", "nbformat>=5.1"],
     },
     entry_points={
         "console_scripts": [
             "mixco-train=mixco_tf.train:run",
             "mixco-linear-eval=mixco_tf.linear_eval:run",
             "mixco-export=mixco_tf.export:run",
+            "mixco-preview=mixco_tf.preview:run",
         ],
     },
     classifiers=[

@@ -17,7 +17,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from mixco_tf import augment, checkpointing, evaluation, export
+from mixco_tf import augment, checkpointing, evaluation, export, plots, preview, summaries
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
 from mixco_tf.data import available_datasets, load_dataset
@@ -171,7 +171,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
         config.epochs,
     )
     pretrain_started = time.time()
-    history = _fit(model, train_views, config, model_dir, start_epoch)
+    history = _fit(model, train_views, config, model_dir, start_epoch, splits)
     pretrain_seconds = time.time() - pretrain_started
 
     export_base = os.path.join(model_dir, EXPORT_NAME)
@@ -223,6 +223,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
     results["total_seconds"] = round(time.time() - started, 1)
     _write_json_atomically(os.path.join(model_dir, "results.json"), results)
     logger.info("Wrote %s", os.path.join(model_dir, "results.json"))
+    plots.write_run_plots(model_dir, model.backbone, splits, config)
     return results
 
 
@@ -237,7 +238,7 @@ def pipeline_seed(seed, start_epoch):
     return int(np.random.SeedSequence([seed, start_epoch]).generate_state(1)[0])
 
 
-def _fit(model, train_views, config, model_dir, start_epoch):
+def _fit(model, train_views, config, model_dir, start_epoch, splits):
     """Runs `model.fit` from `start_epoch` with the checkpoint, guard and log callbacks.
 
     Returns the `History`, or None when the backup already contains all `config.epochs`.
@@ -253,11 +254,20 @@ def _fit(model, train_views, config, model_dir, start_epoch):
             last_checkpoint=lambda: _describe_last_checkpoint(model_dir),
         ),
         interrupt_guard,
+        # Before CSVLogger, so that history.csv gets the learning_rate column.
+        summaries.LearningRateLogger(),
         # Appends on resume; truncate_history already removed rows of unsaved epochs.
         keras.callbacks.CSVLogger(
             os.path.join(model_dir, checkpointing.HISTORY_FILE), append=start_epoch > 0
         ),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+        summaries.MixedImageSummary(
+            summaries.mixed_image_log_dir(model_dir),
+            preview.PreviewSampler(
+                splits, image_size=config.image_size, augment_config=augment_config(config), seed=config.seed
+            ),
+            seed=config.seed,
+        ),
         # Last, because its backup marks the epoch as done: an epoch's history row is
         # then always written before the backup that a resumed run starts from.
         checkpointing.EpochCheckpoint(model_dir),
