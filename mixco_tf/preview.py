@@ -21,6 +21,7 @@ import os
 from typing import Optional
 
 import numpy as np
+import tensorflow as tf
 from absl import app, flags, logging
 
 from mixco_tf import augment, figures
@@ -205,6 +206,10 @@ def write_preview(config, output, *, num_pairs=4, start=0, splits=None):
     Uses the config's dataset, image size, augmentation and seed. Pass `splits` when
     the dataset is already loaded.
 
+    Sets TensorFlow's global seed to `config.seed`, as `run_experiment` does before
+    training. TensorFlow combines the global seed with the pipeline's own seeds, so
+    without this the same config would draw other views in another process.
+
     Returns:
         The path written.
     """
@@ -214,6 +219,7 @@ def write_preview(config, output, *, num_pairs=4, start=0, splits=None):
 
     if splits is None:
         splits = load_dataset(config.dataset, config.data_dir)
+    tf.random.set_seed(config.seed)
     figure = preview_figure(
         splits,
         image_size=config.image_size,

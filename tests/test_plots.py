@@ -50,7 +50,7 @@ def _write_history(path, epochs=3, extra_columns=()):
             writer.writerow(row + [0.5 + 0.1 * epoch] * len(extra_columns))
 
 
-def test_read_history_parses_numbers_and_drops_empty_columns(tmp_path):
+def test_read_history_drops_empty_columns(tmp_path):
     path = tmp_path / "history.csv"
     _write_history(path)
 
@@ -262,7 +262,7 @@ def test_history_columns_of_keras_history():
     np.testing.assert_array_equal(plots.history_columns({"loss": [3.0, 2.0]})["epoch"], [0, 1])
 
 
-def test_loss_curves_without_learning_rate_says_how_to_log_it():
+def test_loss_curves_without_learning_rate_hint():
     figure = plots.loss_curves_figure({"loss": [3.0, 2.0], "moco_loss": [2.0, 1.5]})
 
     _, rate_axis = figure.axes

@@ -10,6 +10,7 @@ import tensorflow as tf
 
 from mixco_tf import preview
 from mixco_tf.augment import AugmentConfig
+from mixco_tf.config import Config
 from mixco_tf.data import load_dataset
 from mixco_tf.models.mixco import mix_halves
 
@@ -115,6 +116,18 @@ def test_preview_figure_saves_png_of_expected_size(digits, tmp_path):
 
     width, height = preview.figure_size_pixels(2)
     assert _png_shape(path) == (height, width, 4)
+
+
+def test_write_preview_ignores_earlier_global_seed(digits, tmp_path):
+    """TensorFlow's global seed changes the views, so write_preview sets it to config.seed."""
+    config = Config(seed=3)
+    paths = []
+    for global_seed in (1, 2):
+        tf.random.set_seed(global_seed)
+        paths.append(preview.write_preview(config, str(tmp_path / f"after-{global_seed}.png"), num_pairs=2, splits=digits))
+
+    first, second = (tf.io.decode_png(tf.io.read_file(path)).numpy() for path in paths)
+    np.testing.assert_array_equal(first, second)
 
 
 def _run_preview(args, cwd):

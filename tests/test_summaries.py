@@ -21,7 +21,7 @@ def digits():
 
 
 def test_learning_rate_column_follows_schedule(tmp_path):
-    """Cosine decay over 3 epochs of 4 steps; each row holds the rate of the next step."""
+    """Cosine decay over 3 epochs of 4 steps; each row contains the rate of the next step."""
     steps_per_epoch, epochs, peak = 4, 3, 0.2
     schedule = keras.optimizers.schedules.CosineDecay(peak, decay_steps=steps_per_epoch * epochs)
     model = keras.Sequential([keras.Input((2,)), keras.layers.Dense(1)])
