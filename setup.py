@@ -28,16 +28,30 @@ setuptools.setup(
         # TFDS 4.9 imports it when preparing any builder but declares it only for Python < 3.9.
         "importlib_resources>=5.0",
         "requests>=2.19",
+        "threadpoolctl>=2.0",
     ],
     extras_require={
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
-        "test": ["pytest>=7.0"],
+        # Plots, the augmentation preview and examples/quickstart.ipynb.
+        "notebook": ["matplotlib>=3.6", "ipykernel>=6.0"],
         # tensorflow-serving-api requires the `tensorflow` distribution; next to
         # tensorflow-cpu install it with `pip install --no-deps tensorflow-serving-api`.
         "serving": ["tensorflow-serving-api>=2.16", "requests>=2.0"],
         "onnx": ["tf2onnx>=1.16", "onnx>=1.14", "onnxruntime>=1.16"],
         "tune": ["keras-tuner>=1.4"],
+        # Every optional feature but serving, so that the suite tests them.
+        "test": [
+            "pytest>=7.0",
+            "matplotlib>=3.6",
+            "ipykernel>=6.0",
+            "nbclient>=0.6",
+            "nbformat>=5.1",
+            "keras-tuner>=1.4",
+            "tf2onnx>=1.16",
+            "onnx>=1.14",
+            "onnxruntime>=1.16",
+        ],
     },
     entry_points={
         "console_scripts": [
@@ -45,6 +59,7 @@ setuptools.setup(
             "mixco-linear-eval=mixco_tf.linear_eval:run",
             "mixco-export=mixco_tf.export:run",
             "mixco-tune=mixco_tf.tune:run",
+            "mixco-preview=mixco_tf.preview:run",
         ],
     },
     classifiers=[

@@ -45,6 +45,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
+from mixco_tf.dataclass_repr import multiline_repr
 from mixco_tf.preprocess import normalize, resize_and_normalize
 
 logger = logging.getLogger(__name__)
@@ -100,6 +101,8 @@ class AugmentConfig:
     blur_prob: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     flip_prob: float = 0.5
+
+    __repr__ = multiline_repr
 
     def __post_init__(self):
         # YAML and JSON give lists, and a frozen dataclass should hold tuples.

@@ -8,7 +8,9 @@ A run directory keeps two kinds of checkpoint, both written at the end of each e
   variables: query and key encoders, queue, queue pointer, optimizer slots and iteration
   count) and `training_state.json`, which names that weights file and stores the number
   of completed epochs and the state of the model's `keras.random.SeedGenerator`. Keras's
-  `save_weights` does not store seed-generator states (Keras 3.15), so the JSON does.
+  `save_weights` does not store seed-generator states (Keras 3.15). `MixCo` adds its
+  generator's state to its weights files, and the JSON records it as well, so backups
+  written before that addition still resume exactly.
 
 Every file is written under a temporary name and renamed into place, and the JSON file
 is written last, so a process killed at any moment leaves either the previous epoch's
@@ -43,6 +45,7 @@ RUN_OUTPUTS = (
     "checkpoints",
     HISTORY_FILE,
     "logs",
+    "plots",
     "export",
     "results.json",
 )

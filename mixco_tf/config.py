@@ -13,6 +13,8 @@ import typing
 
 import yaml
 
+from mixco_tf.dataclass_repr import multiline_repr
+
 METHODS = ("mixco", "moco")
 # Methods named in the configuration contract that this version cannot train yet.
 PLANNED_METHODS = ("simclr", "simclr_mixco")
@@ -44,6 +46,9 @@ class ConfigError(ValueError):
 @dataclasses.dataclass
 class Config:
     """Settings of one pretraining run; field names are the YAML keys and CLI flags."""
+
+    # One key per line: the default dataclass repr puts every key on one long line.
+    __repr__ = multiline_repr
 
     # Data and output.
     dataset: str = "digits"

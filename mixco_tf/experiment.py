@@ -20,6 +20,7 @@ import tensorflow as tf
 import yaml
 
 from mixco_tf import augment, checkpointing, custom_loop, distribute, evaluation, export
+from mixco_tf import plots, preview, summaries
 from mixco_tf import callbacks as callbacks_lib
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
@@ -260,6 +261,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
     results["total_seconds"] = round(time.time() - started, 1)
     _write_json_atomically(os.path.join(model_dir, "results.json"), results)
     logger.info("Wrote %s", os.path.join(model_dir, "results.json"))
+    plots.write_run_plots(model_dir, model.backbone, splits, config)
     return results
 
 
@@ -358,11 +360,20 @@ def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_
             )
         )
     callbacks += [
+        # Before CSVLogger, so that history.csv gets the learning_rate column.
+        summaries.LearningRateLogger(),
         # Appends on resume; truncate_history already removed rows of unsaved epochs.
         keras.callbacks.CSVLogger(
             os.path.join(model_dir, checkpointing.HISTORY_FILE), append=start_epoch > 0
         ),
         keras.callbacks.TensorBoard(os.path.join(model_dir, "logs"), write_graph=False),
+        summaries.MixedImageSummary(
+            summaries.mixed_image_log_dir(model_dir),
+            preview.PreviewSampler(
+                splits, image_size=config.image_size, augment_config=augment_config(config), seed=config.seed
+            ),
+            seed=config.seed,
+        ),
         # Before the checkpoint, so that every replica holds, and the checkpoint stores,
         # the replicas' mean BatchNorm statistics.
         distribute.make_batch_norm_sync_callback(

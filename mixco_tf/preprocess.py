@@ -47,3 +47,23 @@ def resize_and_normalize(images, image_size, mean, std):
     images = tf.image.resize(images, (image_size, image_size), method="bilinear", antialias=True)
     images = tf.clip_by_value(images, 0.0, 1.0)
     return normalize(images, mean, std)
+
+
+def denormalize(images, mean, std):
+    """Inverts `normalize` for display: float images in [0, 1], clipped.
+
+    Mixing commutes with this map, because the per-channel affine map preserves convex
+    combinations: `denormalize(lam * a + (1 - lam) * b)` equals
+    `lam * denormalize(a) + (1 - lam) * denormalize(b)` before clipping.
+
+    Args:
+        images: float tensor or array `[..., height, width, 3]`, normalized.
+        mean: per-channel mean in [0, 1] units, 3 floats.
+        std: per-channel standard deviation in [0, 1] units, 3 floats.
+
+    Returns:
+        float32 tensor of the same shape, in [0, 1].
+    """
+    images = tf.cast(images, tf.float32)
+    images = images * tf.constant(std, tf.float32) + tf.constant(mean, tf.float32)
+    return tf.clip_by_value(images, 0.0, 1.0)

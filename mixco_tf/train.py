@@ -7,8 +7,8 @@ Settings come from the built-in defaults (the digits setting), then `--config`, 
 individual flags: every key of `mixco_tf.config.Config` is a flag of the same name.
 
 A run directory contains `config.yaml`, `checkpoints/`, `backup/` (the training state
-of the last completed epoch), `logs/` (TensorBoard), `history.csv`,
-`export/backbone/1/` (SavedModel) and `results.json`.
+of the last completed epoch), `logs/` (TensorBoard), `history.csv`, `plots/` (PNGs,
+when matplotlib is installed), `export/backbone/1/` (SavedModel) and `results.json`.
 
 Rerunning a command with the same `--model_dir` resumes an interrupted run after its
 last completed epoch, and returns at once for a finished one. Exit codes: 2 for an
@@ -30,7 +30,7 @@ flags.DEFINE_boolean(
     "overwrite",
     False,
     "Delete the outputs of a previous run in --model_dir (config.yaml, backup/, checkpoints/, "
-    "history.csv, logs/, export/, results.json) and train from scratch. Without it, a "
+    "history.csv, logs/, plots/, export/, results.json) and train from scratch. Without it, a "
     "--model_dir with a backup resumes that run.",
 )
 

@@ -27,6 +27,8 @@ logger = logging.getLogger(__name__)
 
 # Normalization of the encoders; see the `batch_norm` argument of `MixCo`.
 BATCH_NORM_MODES = ("shuffle", "synchronized", "none")
+# Name of the seed generator's state among the model's own variables in saved files.
+_SEED_STATE_KEY = "seed_generator_state"
 
 
 @keras.saving.register_keras_serializable(package="mixco_tf")
@@ -245,10 +247,7 @@ class MixCo(keras.Model):
         else:
             lam = keras.random.uniform([num_replicas * half], seed=self.seed_generator)
             lam = distribute.local_slice(lam, replica_id, half)
-        first, second = images[:half], images[half:]
-        weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
-        mixed = weights * first + (1.0 - weights) * second
-        return mixed, lam
+        return mix_halves(images, lam=lam)
 
     def update_key_encoder(self):
         """Moves the key encoder towards the query encoder: `k = m * k + (1 - m) * q`.
@@ -343,6 +342,24 @@ class MixCo(keras.Model):
         self.top1_tracker.update_state(top1)
         return {metric.name: metric.result() for metric in self.metrics}
 
+    def summary(self, line_length=None, positions=None, print_fn=None, **kwargs):
+        """Prints Keras's layer table, then the queue and the settings it does not show."""
+        super().summary(line_length=line_length, positions=positions, print_fn=print_fn, **kwargs)
+        key_batch_norm = (
+            f"split BatchNorm in {self.key_bn_splits} groups" if self.key_bn_splits > 1 else "whole-batch BatchNorm"
+        )
+        loss = f"InfoNCE (T={self.temperature})"
+        if self.mix_weight > 0:
+            loss += f" + {self.mix_weight} * mix loss (T_mix={self.mix_temperature})"
+        lines = [
+            f" Queue: {self.queue_size} keys x {self.projection_dim} dims (non-trainable), "
+            f"pointer at {int(self.queue_pointer.numpy())}",
+            f" Key encoder: key_backbone + key_projection_head, not trained; momentum "
+            f"m={self.moco_momentum}; {key_batch_norm}",
+            f" Loss: {loss}",
+        ]
+        (print_fn or print)("\n".join(lines))
+
     # ------------------------------------------------------------------ serialization
 
     def get_config(self):
@@ -362,6 +379,45 @@ class MixCo(keras.Model):
             "seed": self.seed,
             "batch_norm": self.batch_norm,
         }
+
+    def save_own_variables(self, store):
+        # Keras saves weights only, and the seed generator's state is not one. Without
+        # it a reloaded model would repeat the lam draws and key shuffles of step 1.
+        super().save_own_variables(store)
+        store[_SEED_STATE_KEY] = self.seed_generator.state.numpy()
+
+    def load_own_variables(self, store):
+        weights_store = {key: store[key] for key in store.keys() if key != _SEED_STATE_KEY}
+        super().load_own_variables(weights_store)
+        # Files saved before the state was stored load with a fresh generator.
+        if _SEED_STATE_KEY in store.keys():
+            self.seed_generator.state.assign(store[_SEED_STATE_KEY])
+
+
+def mix_halves(images, seed=None, lam=None):
+    """Mixes the first half of a batch with the second half, with weights from U(0, 1).
+
+    `MixCo.mix` calls this with the model's seed generator. The augmentation preview and
+    the TensorBoard image summary call it with their own seed, so they show the same
+    mixing without drawing from the model's random state.
+
+    Args:
+        images: float `[batch, height, width, 3]`, batch even.
+        seed: a `keras.random.SeedGenerator`, an integer for a fixed draw, or None.
+        lam: float `[batch / 2]` mixing weights to use instead of drawing them.
+
+    Returns:
+        `(mixed, lam)`: mixed images `[batch / 2, height, width, 3]` with
+        `mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[i + batch / 2]`, and
+        float32 `lam` `[batch / 2]`.
+    """
+    half = tf.shape(images)[0] // 2
+    if lam is None:
+        lam = keras.random.uniform([half], seed=seed)
+    first, second = images[:half], images[half:]
+    weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
+    mixed = weights * first + (1.0 - weights) * second
+    return mixed, lam
 
 
 def _unpack_views(data):

@@ -6,6 +6,7 @@ import pytest
 import tensorflow as tf
 
 from mixco_tf.models import MixCo
+from mixco_tf.models.mixco import mix_halves
 
 BATCH = 8
 IMAGE = 16
@@ -273,3 +274,96 @@ def test_batch_norm_none_has_no_normalization_layers():
 def test_unknown_batch_norm_is_rejected():
     with pytest.raises(ValueError, match="Invalid batch_norm='group'"):
         _model(batch_norm="group")
+def test_mix_halves_with_integer_seed_is_repeatable():
+    images = tf.constant(np.random.default_rng(4).normal(size=(BATCH, IMAGE, IMAGE, 3)).astype("float32"))
+
+    first_mixed, first_lam = mix_halves(images, seed=11)
+    second_mixed, second_lam = mix_halves(images, seed=11)
+    _, other_lam = mix_halves(images, seed=12)
+
+    np.testing.assert_array_equal(first_lam.numpy(), second_lam.numpy())
+    np.testing.assert_array_equal(first_mixed.numpy(), second_mixed.numpy())
+    assert not np.array_equal(first_lam.numpy(), other_lam.numpy())
+
+
+def test_from_config_rebuilds_equal_model():
+    """Same weights by path, shape, dtype and trainability; same features once weights are copied."""
+    model = _model(queue_size=40, mix_weight=0.5, key_bn_splits=4)
+    clone = MixCo.from_config(model.get_config())
+
+    def layout(weights):
+        return [(w.path, tuple(w.shape), w.dtype, w.trainable) for w in weights]
+
+    assert layout(clone.weights) == layout(model.weights)
+    assert layout(clone.trainable_weights) == layout(model.trainable_weights)
+    assert clone.count_params() == model.count_params()
+    assert (clone.queue_size, clone.key_bn_splits, clone.mix_weight) == (40, 4, 0.5)
+    # The same seed draws the same initial queue.
+    np.testing.assert_array_equal(clone.queue.numpy(), model.queue.numpy())
+
+    clone.set_weights(model.get_weights())
+    images = np.random.default_rng(5).normal(size=(4, IMAGE, IMAGE, 3)).astype("float32")
+    np.testing.assert_array_equal(clone(images).numpy(), model(images).numpy())
+
+
+def test_keras_file_reload_trains_like_original(tmp_path):
+    """The optimizer slots and the random-generator state come back too, so both continue alike."""
+    model = _model()
+    dataset = _dataset(*_views(1))
+    model.fit(dataset, epochs=1, verbose=0)
+    path = tmp_path / "mixco.keras"
+    model.save(path)
+    restored = keras.models.load_model(path)
+
+    np.testing.assert_array_equal(restored.seed_generator.state.numpy(), model.seed_generator.state.numpy())
+    assert int(restored.optimizer.iterations.numpy()) == int(model.optimizer.iterations.numpy()) == 1
+    model.fit(dataset, epochs=1, verbose=0)
+    restored.fit(dataset, epochs=1, verbose=0)
+
+    for original, loaded in zip(model.weights, restored.weights):
+        np.testing.assert_array_equal(original.numpy(), loaded.numpy(), err_msg=original.path)
+
+
+def test_weights_file_without_seed_state_loads(tmp_path):
+    """Weights saved before the generator state was stored still load, with a fresh generator."""
+    import h5py
+
+    model = _model()
+    model.fit(_dataset(*_views(1)), epochs=1, verbose=0)
+    path = str(tmp_path / "mixco.weights.h5")
+    model.save_weights(path)
+    with h5py.File(path, "r+") as weights_file:
+        names = []
+        weights_file.visit(names.append)
+        seed_entries = [name for name in names if name.endswith("seed_generator_state")]
+        assert len(seed_entries) == 1
+        del weights_file[seed_entries[0]]
+    fresh = _model()
+    fresh.optimizer.build(fresh.trainable_variables)
+
+    fresh.load_weights(path)
+
+    np.testing.assert_array_equal(fresh.queue.numpy(), model.queue.numpy())
+    np.testing.assert_array_equal(fresh.seed_generator.state.numpy(), _model().seed_generator.state.numpy())
+
+
+def test_summary_lists_encoders_and_queue():
+    model = _model(queue_size=40, moco_momentum=0.9, key_bn_splits=2)
+    lines = []
+
+    model.summary(print_fn=lines.append)
+
+    text = "\n".join(lines)
+    for layer in ("backbone", "projection_head", "key_backbone", "key_projection_head"):
+        assert layer in text
+    assert "Total params" in text
+    assert "Queue: 40 keys x 8 dims (non-trainable), pointer at 0" in text
+    assert "momentum m=0.9; split BatchNorm in 2 groups" in text
+    assert "InfoNCE (T=0.2) + 1.0 * mix loss (T_mix=0.05)" in text
+    assert "mix loss" not in "\n".join(_summary_lines(_model(mix_weight=0.0)))
+
+
+def _summary_lines(model):
+    lines = []
+    model.summary(print_fn=lines.append)
+    return lines
