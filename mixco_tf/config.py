@@ -13,9 +13,21 @@ import typing
 
 import yaml
 
-METHODS = ("mixco", "moco")
+METHODS = ("mixco", "moco", "simclr", "simclr_mixco")
 # Methods named in the configuration contract that this version cannot train yet.
-PLANNED_METHODS = ("simclr", "simclr_mixco")
+PLANNED_METHODS = ()
+# Methods with a momentum key encoder and a queue, which use the MoCo keys below.
+MOCO_METHODS = ("mixco", "moco")
+# Each MixCo variant and the method it extends: the pairs that `mixco_tf.compare` reports.
+BASE_METHODS = {"mixco": "moco", "simclr_mixco": "simclr"}
+# Values that a method uses for keys its config file and flags leave unset. The base
+# methods train without the mix loss. SimCLR + MixCo's published temperatures are
+# T = T_mix = 0.5 (the authors' SimCLR scripts, github.com/sungnyun/MixCo-Mixup-Contrastive).
+METHOD_DEFAULTS = {
+    "moco": {"mix_weight": 0.0},
+    "simclr": {"mix_weight": 0.0, "temperature": 0.5, "mix_temperature": 0.5},
+    "simclr_mixco": {"temperature": 0.5, "mix_temperature": 0.5},
+}
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
 STRATEGIES = ("auto", "one_device")
@@ -136,7 +148,7 @@ class Config:
             )
         if self.batch_size < 2 or self.batch_size % 2:
             _fail("batch_size", self.batch_size, "an even integer of at least 2, because MixCo mixes the two halves of a batch")
-        if self.batch_size % self.key_bn_splits:
+        if self.method in MOCO_METHODS and self.batch_size % self.key_bn_splits:
             _fail(
                 "key_bn_splits",
                 self.key_bn_splits,
@@ -147,13 +159,14 @@ class Config:
             _fail("seed", self.seed, f"an integer in [0, {2**32 - 2}]")
         if self.model_dir and os.path.exists(self.model_dir) and not os.path.isdir(self.model_dir):
             _fail("model_dir", self.model_dir, "a folder (this path is a file); pick a new folder name")
-        if self.method == "moco" and self.mix_weight != 0:
+        if self.method in ("moco", "simclr") and self.mix_weight != 0:
+            mixco_method = {"moco": "mixco", "simclr": "simclr_mixco"}[self.method]
             _fail(
                 "mix_weight",
                 self.mix_weight,
-                "0 with method=moco (plain MoCo-v2 has no mix loss); use method=mixco to weight the mix loss",
+                f"0 with method={self.method} (it has no mix loss); use method={mixco_method} to weight the mix loss",
             )
-        if self.queue_size < self.batch_size:
+        if self.method in MOCO_METHODS and self.queue_size < self.batch_size:
             _fail("queue_size", self.queue_size, f"at least batch_size={self.batch_size}")
         return self
 
@@ -194,9 +207,10 @@ def from_dict(values, source="config"):
             f"Unknown key(s) {unknown} in {source}. Valid keys: {sorted(types)}. Check the spelling."
         )
     converted = {name: _convert(name, value, types[name], source) for name, value in values.items()}
-    if converted.get("method") == "moco" and "mix_weight" not in converted:
-        # Plain MoCo-v2 trains without the mix loss, so record mix_weight 0, not MixCo's default.
-        converted["mix_weight"] = 0.0
+    # A method's own defaults replace the MixCo ones for keys the source leaves unset,
+    # e.g. mix_weight 0 for the base methods.
+    for name, value in METHOD_DEFAULTS.get(converted.get("method"), {}).items():
+        converted.setdefault(name, value)
     return Config(**converted)
 
 
@@ -306,7 +320,9 @@ HELP = {
     "dataset": "Data set name from the registry (digits needs no download).",
     "data_dir": "Folder holding downloaded or prepared data sets.",
     "model_dir": "Run directory for checkpoints, logs, export and results.json; default runs/<dataset>-<timestamp>.",
-    "method": "mixco (MoCo-v2 + MixCo) or moco (plain MoCo-v2, the same as mix_weight=0).",
+    "method": "mixco (MoCo-v2 + MixCo), moco (plain MoCo-v2), simclr_mixco (SimCLR + MixCo) or simclr (plain "
+    "SimCLR). simclr and simclr_mixco default to temperature=0.5 and mix_temperature=0.5; moco and simclr "
+    "to mix_weight=0.",
     "backbone": "resnet18, resnet34 or resnet50 (torchvision layout).",
     "stem": "imagenet (7x7/2 conv + max-pool, for 224 px) or cifar (3x3/1 conv, for 32-64 px).",
     "width_multiplier": "Multiplier of every layer's channel count; below 1 for fast CPU runs.",

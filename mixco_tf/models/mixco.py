@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mixco_tf import losses
 from mixco_tf.models.batch_norm import SplitBatchNormalization
+from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
 
 logger = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ class MixCo(keras.Model):
     # ------------------------------------------------------------------ the algorithm
 
     def mix(self, images):
-        """Mixes the first half of a batch with the second half.
+        """Mixes the first half of a batch with the second half; see `mixing.mix_halves`.
 
         Args:
             images: float `[batch, height, width, 3]`, batch even.
@@ -185,12 +186,7 @@ class MixCo(keras.Model):
             `mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[i + batch / 2]`, and
             float32 `lam` `[batch / 2]` drawn from U(0, 1).
         """
-        half = tf.shape(images)[0] // 2
-        lam = keras.random.uniform([half], seed=self.seed_generator)
-        first, second = images[:half], images[half:]
-        weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
-        mixed = weights * first + (1.0 - weights) * second
-        return mixed, lam
+        return mix_halves(images, self.seed_generator)
 
     def update_key_encoder(self):
         """Moves the key encoder towards the query encoder: `k = m * k + (1 - m) * q`."""
@@ -277,15 +273,7 @@ class MixCo(keras.Model):
 
 def _unpack_views(data):
     """Accepts `(view_q, view_k)` as yielded by the dataset, or Keras's `((q, k),)`."""
-    if isinstance(data, (tuple, list)) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError(
-            "MixCo.fit expects a dataset of (view_q, view_k) pairs, two augmented views of "
-            f"the same images; got an element of type {type(data).__name__}. Use "
-            "mixco_tf.augment.two_view_dataset to build one."
-        )
-    return data[0], data[1]
+    return unpack_views(data, "MixCo")
 
 
 def _check_batch_size(batch_size, key_bn_splits, queue_size):
