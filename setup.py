@@ -28,12 +28,14 @@ setuptools.setup(
         "cpu": ["tensorflow-cpu>=2.16"],
         "gpu": ["tensorflow[and-cuda]>=2.16"],
         "test": ["pytest>=7.0"],
+        "plots": ["matplotlib>=3.5"],
     },
     entry_points={
         "console_scripts": [
             "mixco-train=mixco_tf.train:run",
             "mixco-linear-eval=mixco_tf.linear_eval:run",
             "mixco-export=mixco_tf.export:run",
+            "mixco-compare=mixco_tf.compare:run",
         ],
     },
     classifiers=[

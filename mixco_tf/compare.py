@@ -17,9 +17,9 @@ or backbone and matplotlib installed (`pip install mixco-tf[plots]`),
 `OUTPUT_DIR/capacity.png`: MixCo's gain over its base method against model size.
 
 Settings shared by all runs come from the built-in defaults, `--config` and `--set`.
-Keys that a method sets itself (temperatures of SimCLR, mix_weight of the base methods;
-see `mixco_tf.config.METHOD_DEFAULTS`) take the method's value unless `--config` or
-`--set` gives one, which then applies to every method.
+Some keys have method defaults (`mixco_tf.config.METHOD_DEFAULTS`): SimCLR's
+temperatures and the base methods' mix_weight of 0. Each method uses its own default
+unless `--config` or `--set` gives the key, and then that value applies to every method.
 """
 
 import json
@@ -41,7 +41,7 @@ RANDOM_INIT = "random init"
 
 
 def define_flags():
-    """Defines this command's flags; `config` and `seed`-like names clash with mixco_tf.train, so not at import."""
+    """Defines this command's flags when it runs, because `config` is also a flag of mixco_tf.train."""
     flags.DEFINE_list("methods", list(config_lib.METHODS), f"Methods to train, from {list(config_lib.METHODS)}.")
     flags.DEFINE_list("backbones", None, "Backbones to train (default: the config's backbone).")
     flags.DEFINE_list(

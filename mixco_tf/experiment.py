@@ -421,7 +421,8 @@ def print_summary(results):
         lines.append(f"{'protocol':<20} {'pretrained':>11} {'random init':>12}")
         for key in ("linear_top1", "linear_5shot_top1", "knn_top1"):
             pretrained = results["evaluation"][key]
-            random_init = results["random_init_evaluation"][key]
+            # Runs of mixco_tf.compare may leave the shared random-init baseline to another run.
+            random_init = results.get("random_init_evaluation", {}).get(key, float("nan"))
             lines.append(f"{key:<20} {pretrained:>11.4f} {random_init:>12.4f}")
     lines.append(f"Backbone SavedModel: {results['export_dir']}")
     print("\n".join(lines))

@@ -4,7 +4,8 @@ One training step on two augmented views `view_1`, `view_2` of a batch of N imag
 
 1. mix: for each view, `x_mix = lam * x[:N/2] + (1 - lam) * x[N/2:]` (skipped when beta = 0);
 2. encode: `z1`, `z2` (and `z_mix1`, `z_mix2`) = normalize(head(backbone(x))), one forward
-   pass per batch, so each BatchNorm sees one view at a time as in the authors' code;
+   pass per batch, so BatchNorm normalizes each view over its own batch, as the
+   authors' code does;
 3. contrast: NT-Xent(z1, z2) + beta * (mix loss(z_mix1, z2) + mix loss(z_mix2, z1)) / 2;
 4. step the optimizer on backbone and head.
 

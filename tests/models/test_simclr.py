@@ -168,11 +168,12 @@ def test_training_logs_contrastive_metrics():
 
 
 def test_top1_counts_positive_as_best_match():
-    """Identical views of orthogonal-ish inputs: after enough steps the positive wins often."""
+    """With identical views the positive has cosine similarity 1, the maximum, so it wins
+    for nearly every anchor. Another anchor with an equal float similarity could tie it."""
     model = _model(mix_weight=0.0)
     view, _ = _views(1, seed=5)
-    history = model.fit(_dataset(view, view), epochs=8, verbose=0)
-    assert history.history["top1"][-1] > 0.5
+    history = model.fit(_dataset(view, view), epochs=1, verbose=0)
+    assert history.history["top1"][-1] >= 0.9
 
 
 @pytest.mark.parametrize("batch, message", [(7, "must be even"), (1, "must be even")])
