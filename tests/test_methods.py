@@ -40,6 +40,7 @@ def _train(config, digits, steps=STEPS):
     return model, history
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "method, model_class, loss_key, mixes",
     [
