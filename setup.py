@@ -60,6 +60,7 @@ setuptools.setup(
             "mixco-export=mixco_tf.export:run",
             "mixco-tune=mixco_tf.tune:run",
             "mixco-preview=mixco_tf.preview:run",
+            "mixco-compare=mixco_tf.compare:run",
         ],
     },
     classifiers=[

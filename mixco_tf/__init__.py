@@ -2,7 +2,8 @@
 
 Public API:
     MixCo: MoCo-v2 with mixed images as semi-positives, a subclassed `keras.Model`.
-    losses: `info_nce` and `mix_contrast` as pure functions on tensors.
+    SimCLR: SimCLR with the same optional mix loss, a subclassed `keras.Model`.
+    losses: `info_nce`, `mix_contrast` and `nt_xent` as pure functions on tensors.
     build_backbone: torchvision-layout ResNet-18/34/50 backbones.
     two_view_dataset, AugmentConfig: the MoCo-v2 two-view tf.data pipeline.
     load_dataset: the data set registry.
@@ -22,6 +23,7 @@ _PUBLIC = {
     "AugmentConfig": "mixco_tf.augment",
     "KNNMonitor": "mixco_tf.callbacks",
     "MixCo": "mixco_tf.models",
+    "SimCLR": "mixco_tf.models",
     "build_backbone": "mixco_tf.models",
     "export_backbone": "mixco_tf.export",
     "export_backbone_onnx": "mixco_tf.export",

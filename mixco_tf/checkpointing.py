@@ -49,7 +49,7 @@ RUN_OUTPUTS = (
     "export",
     "results.json",
 )
-LOSS_KEYS = ("loss", "moco_loss", "mix_loss")
+LOSS_KEYS = ("loss", "moco_loss", "nt_xent_loss", "mix_loss")
 
 
 class CheckpointError(ValueError):
@@ -138,7 +138,7 @@ def save_training_state(model, model_dir, epoch):
     iteration count are saved.
 
     Args:
-        model: a compiled `mixco_tf.MixCo`.
+        model: a compiled `mixco_tf.MixCo` or `mixco_tf.SimCLR`.
         model_dir: the run directory.
         epoch: number of completed epochs, 1 after the first.
     """
@@ -152,7 +152,7 @@ def save_training_state(model, model_dir, epoch):
         "epoch": epoch,
         "weights_file": weights_file,
         "optimizer_iterations": int(model.optimizer.iterations.numpy()),
-        "queue_pointer": int(model.queue_pointer.numpy()),
+        "queue_pointer": _queue_pointer(model),
         "seed_generator_state": model.seed_generator.state.numpy().tolist(),
     }
     # The JSON file is the commit point: until it is renamed into place, a restart
@@ -168,7 +168,8 @@ def restore_training_state(model, model_dir, state):
     """Loads a backup written by `save_training_state` into a compiled, built `model`.
 
     Args:
-        model: a `mixco_tf.MixCo` of the same config, compiled, with its optimizer built.
+        model: a `mixco_tf.MixCo` or `mixco_tf.SimCLR` of the same config, compiled, with its
+            optimizer built.
         model_dir: the run directory.
         state: the dict returned by `read_training_state`.
 
@@ -197,7 +198,7 @@ def restore_training_state(model, model_dir, state):
     # the file's; comparing with the values stored at save time catches that.
     restored = {
         "optimizer_iterations": int(model.optimizer.iterations.numpy()),
-        "queue_pointer": int(model.queue_pointer.numpy()),
+        "queue_pointer": _queue_pointer(model),
     }
     for key, value in restored.items():
         if value != state[key]:
@@ -207,12 +208,18 @@ def restore_training_state(model, model_dir, state):
                 "--overwrite to delete this run's state."
             )
     logger.info(
-        "Restored %s (end of epoch %d): optimizer iterations %d, queue pointer %d.",
+        "Restored %s (end of epoch %d): optimizer iterations %d, queue pointer %s.",
         weights_path,
         state["epoch"],
         int(model.optimizer.iterations.numpy()),
-        int(model.queue_pointer.numpy()),
+        _queue_pointer(model),
     )
+
+
+def _queue_pointer(model):
+    """Returns the queue pointer of a MixCo model, or None for a model without a queue (SimCLR)."""
+    pointer = getattr(model, "queue_pointer", None)
+    return None if pointer is None else int(pointer.numpy())
 
 
 def truncate_history(model_dir, epochs):

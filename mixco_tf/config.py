@@ -15,9 +15,21 @@ import yaml
 
 from mixco_tf.dataclass_repr import multiline_repr
 
-METHODS = ("mixco", "moco")
+METHODS = ("mixco", "moco", "simclr", "simclr_mixco")
 # Methods named in the configuration contract that this version cannot train yet.
-PLANNED_METHODS = ("simclr", "simclr_mixco")
+PLANNED_METHODS = ()
+# Methods with a momentum key encoder and a queue, which use the MoCo keys below.
+MOCO_METHODS = ("mixco", "moco")
+# Each MixCo variant and the method it extends: the pairs that `mixco_tf.compare` reports.
+BASE_METHODS = {"mixco": "moco", "simclr_mixco": "simclr"}
+# Values that a method uses for keys its config file and flags leave unset. The base
+# methods train without the mix loss. SimCLR + MixCo's published temperatures are
+# T = T_mix = 0.5 (the authors' SimCLR scripts, github.com/sungnyun/MixCo-Mixup-Contrastive).
+METHOD_DEFAULTS = {
+    "moco": {"mix_weight": 0.0},
+    "simclr": {"mix_weight": 0.0, "temperature": 0.5, "mix_temperature": 0.5},
+    "simclr_mixco": {"temperature": 0.5, "mix_temperature": 0.5},
+}
 BACKBONES = ("resnet18", "resnet34", "resnet50")
 STEMS = ("imagenet", "cifar")
 STRATEGIES = ("auto", "one_device", "mirrored", "multi_worker", "tpu")
@@ -149,7 +161,7 @@ class Config:
             )
         if self.batch_size < 2 or self.batch_size % 2:
             _fail("batch_size", self.batch_size, "an even integer of at least 2, because MixCo mixes the two halves of a batch")
-        if self.batch_size % self.key_bn_splits:
+        if self.method in MOCO_METHODS and self.batch_size % self.key_bn_splits:
             _fail(
                 "key_bn_splits",
                 self.key_bn_splits,
@@ -162,13 +174,14 @@ class Config:
             _fail("model_dir", self.model_dir, "a folder (this path is a file); pick a new folder name")
         if self.dataset == "folder" and not self.data_dir:
             _fail("data_dir", self.data_dir, "the image folder to train on with dataset=folder; pass --data_dir=ROOT")
-        if self.method == "moco" and self.mix_weight != 0:
+        if self.method in ("moco", "simclr") and self.mix_weight != 0:
+            mixco_method = {"moco": "mixco", "simclr": "simclr_mixco"}[self.method]
             _fail(
                 "mix_weight",
                 self.mix_weight,
-                "0 with method=moco (plain MoCo-v2 has no mix loss); use method=mixco to weight the mix loss",
+                f"0 with method={self.method} (it has no mix loss); use method={mixco_method} to weight the mix loss",
             )
-        if self.queue_size < self.batch_size:
+        if self.method in MOCO_METHODS and self.queue_size < self.batch_size:
             _fail("queue_size", self.queue_size, f"at least batch_size={self.batch_size}")
         return self
 
@@ -209,9 +222,10 @@ def from_dict(values, source="config"):
             f"Unknown key(s) {unknown} in {source}. Valid keys: {sorted(types)}. Check the spelling."
         )
     converted = {name: _convert(name, value, types[name], source) for name, value in values.items()}
-    if converted.get("method") == "moco" and "mix_weight" not in converted:
-        # Plain MoCo-v2 trains without the mix loss, so record mix_weight 0, not MixCo's default.
-        converted["mix_weight"] = 0.0
+    # A method's own defaults replace the MixCo ones for keys the source leaves unset,
+    # e.g. mix_weight 0 for the base methods.
+    for name, value in METHOD_DEFAULTS.get(converted.get("method"), {}).items():
+        converted.setdefault(name, value)
     return Config(**converted)
 
 
@@ -322,7 +336,9 @@ HELP = {
     "data_dir": "Folder holding downloaded or prepared data sets (TFDS data_dir), or the image folder of dataset=folder.",
     "skip_bad_files": "Leave out image files that cannot be decoded (counted in results.json) instead of stopping with their paths.",
     "model_dir": "Run directory for checkpoints, logs, export and results.json; default runs/<dataset>-<timestamp>.",
-    "method": "mixco (MoCo-v2 + MixCo) or moco (plain MoCo-v2, the same as mix_weight=0).",
+    "method": "mixco (MoCo-v2 + MixCo), moco (plain MoCo-v2), simclr_mixco (SimCLR + MixCo) or simclr (plain "
+    "SimCLR). simclr and simclr_mixco default to temperature=0.5 and mix_temperature=0.5; moco and simclr "
+    "to mix_weight=0.",
     "backbone": "resnet18, resnet34 or resnet50 (torchvision layout).",
     "stem": "imagenet (7x7/2 conv + max-pool, for 224 px) or cifar (3x3/1 conv, for 32-64 px).",
     "width_multiplier": "Multiplier of every layer's channel count; below 1 for fast CPU runs.",

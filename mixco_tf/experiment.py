@@ -25,7 +25,7 @@ from mixco_tf import callbacks as callbacks_lib
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
 from mixco_tf.data import available_datasets, load_dataset
-from mixco_tf.models import MixCo, build_backbone
+from mixco_tf.models import MixCo, SimCLR, build_backbone
 
 logger = logging.getLogger(__name__)
 
@@ -50,7 +50,21 @@ def augment_config(config):
 
 
 def build_model(config):
-    """Builds the MixCo model of a config (MoCo-v2 is MixCo with mix_weight = 0)."""
+    """Builds the model of `config.method`: MoCo-v2 is MixCo with mix_weight = 0, and
+    plain SimCLR is `SimCLR` with mix_weight = 0."""
+    if config.method not in config_lib.MOCO_METHODS:
+        return SimCLR(
+            backbone=config.backbone,
+            stem=config.stem,
+            width_multiplier=config.width_multiplier,
+            projection_dim=config.projection_dim,
+            temperature=config.temperature,
+            mix_temperature=config.mix_temperature,
+            mix_weight=0.0 if config.method == "simclr" else config.mix_weight,
+            weight_decay=config.weight_decay,
+            seed=config.seed,
+            name="simclr",
+        )
     return MixCo(
         backbone=config.backbone,
         stem=config.stem,
@@ -91,7 +105,7 @@ def build_learning_rate_schedule(config, steps_per_epoch):
     return schedule
 
 
-def run_experiment(config, evaluate=True, overwrite=False):
+def run_experiment(config, evaluate=True, overwrite=False, evaluate_random_init=True):
     """Pretrains, exports and evaluates; writes MODEL_DIR/results.json and returns it.
 
     A `model_dir` that contains the backup of an interrupted run resumes it after the last
@@ -107,6 +121,9 @@ def run_experiment(config, evaluate=True, overwrite=False):
             backbone and on a randomly initialised copy.
         overwrite: delete the outputs of a previous run in `model_dir` first and train
             from scratch.
+        evaluate_random_init: with `evaluate`, also evaluate the randomly initialised
+            backbone. `mixco_tf.compare` turns it off for runs whose baseline another
+            run of the same seed and architecture already measures.
 
     Returns:
         The results dict written to `results.json`.
@@ -241,6 +258,7 @@ def run_experiment(config, evaluate=True, overwrite=False):
         results["evaluation"] = evaluation.evaluate_saved_model(
             export_dir, splits, batch_size=config.eval_batch_size, seed=config.seed
         )
+    if evaluate and evaluate_random_init:
         # A fixed seed makes the baseline independent of how much randomness training used.
         keras.utils.set_random_seed(config.seed + 1)
         random_backbone = build_backbone(config.backbone, config.stem, config.width_multiplier)
@@ -292,6 +310,14 @@ def _build_compiled_model(config, strategy, steps_per_epoch):
     except ValueError as error:
         raise ConfigError(f"{error} (strategy={config.strategy})") from error
 
+    if config.method not in config_lib.MOCO_METHODS and num_replicas > 1:
+        # NT-Xent would take its negatives from one replica's batch only, a different loss
+        # from SimCLR's, which gathers the projections of all replicas first.
+        raise ConfigError(
+            f"Invalid config value method={config.method!r} with {num_replicas} replicas: "
+            "SimCLR trains on one device in this version. Pass --strategy=one_device, or "
+            "use method=mixco or moco on several devices."
+        )
     if config.jit_compile and num_replicas > 1:
         # Keras compiles strategy.run with all replicas into one XLA function, and XLA
         # cannot run one function on variables placed on several devices (TF 2.21).
@@ -493,7 +519,7 @@ def _check_data_fits_config(config, splits):
     # than the other images of an epoch contains older keys of the current batch's own
     # images, which then act as negatives of themselves.
     queue_limit = steps_per_epoch * config.batch_size - config.batch_size
-    if config.queue_size > queue_limit:
+    if config.method in config_lib.MOCO_METHODS and config.queue_size > queue_limit:
         logger.warning(
             "queue_size=%d is larger than the training set minus one batch (%d = %d images "
             "used per epoch - batch_size %d), so the queue holds older keys of the same "
@@ -549,7 +575,8 @@ def print_summary(results):
         lines.append(f"{'protocol':<20} {'pretrained':>11} {'random init':>12}")
         for key in ("linear_top1", "linear_5shot_top1", "knn_top1"):
             pretrained = results["evaluation"][key]
-            random_init = results["random_init_evaluation"][key]
+            # Runs of mixco_tf.compare may leave the shared random-init baseline to another run.
+            random_init = results.get("random_init_evaluation", {}).get(key, float("nan"))
             lines.append(f"{key:<20} {pretrained:>11.4f} {random_init:>12.4f}")
     lines.append(f"Backbone SavedModel: {results['export_dir']}")
     print("\n".join(lines))

@@ -1,4 +1,4 @@
-"""Contrastive losses of MoCo-v2 and MixCo as pure functions on tensors.
+"""Contrastive losses of MoCo-v2, SimCLR and MixCo as pure functions on tensors.
 
 All inputs are L2-normalized embeddings. Every loss casts its inputs to float32 and
 works in log-space (`log_softmax`), so it stays accurate under a mixed-precision policy
@@ -119,3 +119,77 @@ def mix_contrast(q_mix, k, queue, lam, temperature):
     logits = logits / temperature
     targets = mix_targets(lam, tf.shape(k)[0], queue_size)
     return -tf.reduce_mean(tf.reduce_sum(targets * tf.nn.log_softmax(logits, axis=-1), axis=-1))
+
+
+def nt_xent(z1, z2, temperature):
+    """Computes SimCLR's NT-Xent loss over the 2N projections of two views.
+
+    Every one of the 2N projections is an anchor. Its positive is the projection of the
+    other view of the same image, and its negatives are the other 2N - 2 projections of
+    both views. The anchor itself is excluded from its softmax.
+
+    Args:
+        z1: projections of the first view, float `[batch, dim]`, L2-normalized.
+        z2: projections of the second view, float `[batch, dim]`, L2-normalized; row i
+            is the positive of `z1[i]`.
+        temperature: softmax temperature (0.5 in SimCLR + MixCo).
+
+    Returns:
+        float32 scalar, the mean cross-entropy over the 2N anchors.
+    """
+    return nt_xent_from_logits(nt_xent_logits(z1, z2, temperature))
+
+
+def nt_xent_from_logits(logits):
+    """Computes NT-Xent from `nt_xent_logits` `[2N, 2N]`, for callers that also need the logits.
+
+    Returns:
+        float32 scalar, the mean over the 2N anchors.
+    """
+    targets = nt_xent_targets(tf.shape(logits)[0] // 2)
+    log_probs = tf.nn.log_softmax(logits, axis=-1)
+    return -tf.reduce_mean(tf.gather(log_probs, targets, axis=1, batch_dims=1))
+
+
+def nt_xent_logits(z1, z2, temperature):
+    """Computes the `[2N, 2N]` similarity logits of `concat[z1, z2]`, self-similarity masked.
+
+    The diagonal is set to -1e9 instead of -inf, so that `log_softmax` and its gradient
+    stay finite while the anchor's own column gets zero probability.
+    """
+    z = tf.concat([_as_float32(z1), _as_float32(z2)], axis=0)
+    logits = tf.matmul(z, z, transpose_b=True) / temperature
+    is_self = tf.eye(tf.shape(z)[0], dtype=tf.bool)
+    return tf.where(is_self, tf.constant(-1e9, tf.float32), logits)
+
+
+def nt_xent_targets(batch_size):
+    """Returns the column of each anchor's positive in `nt_xent_logits`: int32 `[2N]`.
+
+    Row i < N (first view) has its positive at column i + N, and row N + i at column i.
+    """
+    indices = tf.range(batch_size, dtype=tf.int32)
+    return tf.concat([indices + batch_size, indices], axis=0)
+
+
+def simclr_mix_contrast(z_mix1, z_mix2, z1, z2, lam1, lam2, temperature):
+    """Computes MixCo's term on SimCLR: each view's mixed images against the other view.
+
+    `z_mix1` are the projections of `lam1 * x1[:N/2] + (1 - lam1) * x1[N/2:]`, mixed from
+    the first view, and are contrasted with the second view's projections `z2`; `z_mix2`
+    likewise with `z1`. Each term is `mix_contrast` without a queue, and each view
+    contributes half of the total, as in the authors' code.
+
+    Args:
+        z_mix1, z_mix2: projections of the mixed images of each view, float
+            `[batch / 2, dim]`, L2-normalized.
+        z1, z2: projections of the unmixed views, float `[batch, dim]`, L2-normalized.
+        lam1, lam2: the mixing weights of each view, float `[batch / 2]` in [0, 1].
+        temperature: softmax temperature T_mix (0.5 in SimCLR + MixCo).
+
+    Returns:
+        float32 scalar: `(mix_contrast(z_mix1, z2) + mix_contrast(z_mix2, z1)) / 2`.
+    """
+    first = mix_contrast(z_mix1, z2, None, lam1, temperature)
+    second = mix_contrast(z_mix2, z1, None, lam2, temperature)
+    return (first + second) / 2.0

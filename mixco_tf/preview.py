@@ -8,7 +8,7 @@ Each row of the grid is one mixed pair `(i, i + num_pairs)` of a batch of
 view, the same three for image `i + num_pairs`, and the mixed image
 `lam * query_i + (1 - lam) * query_{i + num_pairs}` with its `lam`. The views come from
 `mixco_tf.augment.two_view_dataset` and the mixing from
-`mixco_tf.models.mixco.mix_halves`, the functions that training runs, with the
+`mixco_tf.models.mixing.mix_halves`, the functions that training runs, with the
 augmentation and image size of the config.
 
 `preview_figure` returns the grid as a matplotlib figure for notebooks. matplotlib is
@@ -25,7 +25,7 @@ import tensorflow as tf
 from absl import app, flags, logging
 
 from mixco_tf import augment, figures
-from mixco_tf.models.mixco import mix_halves
+from mixco_tf.models.mixing import mix_halves
 from mixco_tf.preprocess import denormalize
 
 # Inches per grid cell and resolution of saved previews.

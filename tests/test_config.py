@@ -163,3 +163,49 @@ def test_moco_with_mix_weight_is_a_conflict():
 def test_execution_choices_are_valid(key, values):
     for value in values:
         dataclasses.replace(config_lib.Config(), **{key: value}).validate()
+
+
+@pytest.mark.parametrize("method", ["simclr", "simclr_mixco"])
+def test_simclr_methods_default_to_published_temperatures(method):
+    config = config_lib.from_dict({"method": method}).validate()
+    assert config.temperature == 0.5
+    assert config.mix_temperature == 0.5
+    assert config.mix_weight == (0.0 if method == "simclr" else 1.0)
+
+
+def test_method_defaults_yield_to_explicit_values():
+    config = config_lib.from_dict({"method": "simclr_mixco", "temperature": 0.2, "mix_weight": 0.5}).validate()
+    assert config.temperature == 0.2
+    assert config.mix_temperature == 0.5
+    assert config.mix_weight == 0.5
+
+
+def test_simclr_with_mix_weight_is_a_conflict():
+    with pytest.raises(ValueError, match=r"mix_weight=0.5.*method=simclr .*use method=simclr_mixco"):
+        config_lib.from_dict({"method": "simclr", "mix_weight": 0.5}).validate()
+
+
+def test_simclr_ignores_queue_and_key_bn_settings():
+    """SimCLR has no queue and no key encoder, so their MoCo constraints do not apply."""
+    config = config_lib.from_dict({"method": "simclr", "queue_size": 16, "key_bn_splits": 5, "batch_size": 32})
+    assert config.validate() is config
+    with pytest.raises(ValueError, match="key_bn_splits"):
+        config_lib.from_dict({"method": "moco", "key_bn_splits": 5, "batch_size": 32}).validate()
+
+
+def test_every_method_is_valid():
+    for method in config_lib.METHODS:
+        assert config_lib.from_dict({"method": method}).validate().method == method
+    assert not set(config_lib.PLANNED_METHODS) & set(config_lib.METHODS)
+
+
+def test_unknown_method_lists_all_four():
+    with pytest.raises(ValueError, match=r"method='byol'.*\['mixco', 'moco', 'simclr', 'simclr_mixco'\]"):
+        config_lib.from_dict({"method": "byol"}).validate()
+
+
+def test_every_mixco_variant_has_its_base():
+    for variant, base in config_lib.BASE_METHODS.items():
+        assert variant in config_lib.METHODS
+        assert base in config_lib.METHODS
+        assert config_lib.from_dict({"method": base}).mix_weight == 0.0

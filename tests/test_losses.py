@@ -154,3 +154,109 @@ def test_moco_logits_positive_first_column():
     assert logits.shape == (3, 6)
     np.testing.assert_allclose(logits[:, 0], np.sum(q * k, axis=1) / 0.2, rtol=1e-5)
     np.testing.assert_allclose(logits[:, 1:], q @ queue.T / 0.2, rtol=1e-5, atol=1e-6)
+
+
+def numpy_nt_xent(z1, z2, temperature):
+    """Each of the 2N projections against the 2N - 1 others; the other view's row is the class."""
+    z = np.concatenate([z1, z2])
+    n = len(z1)
+    losses_per_anchor = []
+    for anchor in range(2 * n):
+        positive = (anchor + n) % (2 * n)
+        others = [j for j in range(2 * n) if j != anchor]
+        logits = np.array([z[anchor] @ z[j] for j in others]) / temperature
+        log_probs = logits - logits.max() - np.log(np.exp(logits - logits.max()).sum())
+        losses_per_anchor.append(-log_probs[others.index(positive)])
+    return np.mean(losses_per_anchor)
+
+
+def numpy_simclr_mix(z_mix1, z_mix2, z1, z2, lam1, lam2, temperature):
+    """The authors' form: targets cat(diag(lam), diag(1 - lam)), softmax over the other view, / 2 per view."""
+    total = 0.0
+    for z_mix, z_other, lam in ((z_mix1, z2, lam1), (z_mix2, z1, lam2)):
+        targets = np.concatenate([np.diag(lam), np.diag(1 - lam)], axis=1)
+        logits = z_mix @ z_other.T / temperature
+        probs = np.exp(logits) / np.exp(logits).sum(axis=1, keepdims=True)
+        total += (-targets * np.log(probs)).sum(axis=1).mean() / 2
+    return total
+
+
+@pytest.mark.parametrize("batch, temperature", [(2, 0.5), (3, 0.5), (8, 0.5), (8, 0.1), (16, 1.0)])
+def test_nt_xent_matches_numpy(batch, temperature):
+    rng = np.random.default_rng(batch)
+    z1, z2 = _normalized(rng, batch, 16), _normalized(rng, batch, 16)
+
+    loss = losses.nt_xent(tf.constant(z1, tf.float32), tf.constant(z2, tf.float32), temperature)
+
+    assert loss.dtype == tf.float32
+    assert loss.shape == ()
+    np.testing.assert_allclose(loss.numpy(), numpy_nt_xent(z1, z2, temperature), rtol=1e-5, atol=1e-6)
+
+
+def test_nt_xent_has_two_n_minus_two_negatives():
+    """Identical views: every anchor's positive has similarity 1, and with orthogonal
+    images each of the 2N - 2 negatives has similarity 0, so the loss is
+    log(e^(1/T) + 2N - 2) - 1/T."""
+    batch, temperature = 4, 0.5
+    z = np.eye(batch, 8)
+
+    loss = losses.nt_xent(z, z, temperature).numpy()
+
+    expected = np.log(np.exp(1 / temperature) + 2 * batch - 2) - 1 / temperature
+    np.testing.assert_allclose(loss, expected, rtol=1e-6)
+
+
+def test_nt_xent_single_pair_is_zero():
+    """With N = 1 each anchor's only candidate is its positive: 0 negatives, loss 0."""
+    rng = np.random.default_rng(6)
+    z1, z2 = _normalized(rng, 1, 8), _normalized(rng, 1, 8)
+
+    np.testing.assert_allclose(losses.nt_xent(z1, z2, 0.5).numpy(), 0.0, atol=1e-6)
+
+
+def test_nt_xent_gradient_is_finite():
+    rng = np.random.default_rng(7)
+    z1 = tf.Variable(_normalized(rng, 4, 8), dtype=tf.float32)
+    z2 = tf.constant(_normalized(rng, 4, 8), tf.float32)
+
+    with tf.GradientTape() as tape:
+        loss = losses.nt_xent(z1, z2, 0.5)
+    gradient = tape.gradient(loss, z1).numpy()
+
+    assert np.all(np.isfinite(gradient))
+    assert np.abs(gradient).max() > 0
+
+
+def test_nt_xent_targets_pair_the_views():
+    np.testing.assert_array_equal(losses.nt_xent_targets(3).numpy(), [3, 4, 5, 0, 1, 2])
+
+
+@pytest.mark.parametrize("batch, lam_kind", [(2, "random"), (2, "ones"), (8, "random"), (8, "zeros"), (12, "random")])
+def test_simclr_mix_contrast_matches_numpy(batch, lam_kind):
+    rng = np.random.default_rng(batch + 50)
+    half = batch // 2
+    z1, z2 = _normalized(rng, batch, 16), _normalized(rng, batch, 16)
+    z_mix1, z_mix2 = _normalized(rng, half, 16), _normalized(rng, half, 16)
+    draw = {"random": lambda: rng.uniform(size=half), "zeros": lambda: np.zeros(half), "ones": lambda: np.ones(half)}
+    lam1, lam2 = draw[lam_kind](), draw[lam_kind]()
+
+    loss = losses.simclr_mix_contrast(
+        *(tf.constant(array, tf.float32) for array in (z_mix1, z_mix2, z1, z2, lam1, lam2)), 0.5
+    )
+
+    assert loss.dtype == tf.float32
+    expected = numpy_simclr_mix(z_mix1, z_mix2, z1, z2, lam1, lam2, 0.5)
+    np.testing.assert_allclose(loss.numpy(), expected, rtol=1e-5, atol=1e-6)
+
+
+def test_simclr_mix_contrast_contrasts_with_other_view():
+    """Swapping which view the mixed projections are contrasted with changes the loss."""
+    rng = np.random.default_rng(8)
+    z1, z2 = _normalized(rng, 4, 8), _normalized(rng, 4, 8)
+    z_mix1, z_mix2 = z2[:2], z1[:2]  # each mixed row equals its first source in the other view
+    lam = np.ones(2, np.float32)
+
+    matched = losses.simclr_mix_contrast(z_mix1, z_mix2, z1, z2, lam, lam, 0.5).numpy()
+    swapped = losses.simclr_mix_contrast(z_mix1, z_mix2, z2, z1, lam, lam, 0.5).numpy()
+
+    assert matched < swapped

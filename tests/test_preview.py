@@ -12,7 +12,7 @@ from mixco_tf import preview
 from mixco_tf.augment import AugmentConfig
 from mixco_tf.config import Config
 from mixco_tf.data import load_dataset
-from mixco_tf.models.mixco import mix_halves
+from mixco_tf.models.mixing import mix_halves
 
 IMAGE_SIZE = 16
 AUGMENT = AugmentConfig(crop_scale=(0.4, 1.0), blur_prob=0.0, flip_prob=0.0)

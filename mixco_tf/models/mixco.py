@@ -21,6 +21,7 @@ import tensorflow as tf
 
 from mixco_tf import distribute, losses
 from mixco_tf.models.batch_norm import SplitBatchNormalization
+from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
 
 logger = logging.getLogger(__name__)
@@ -226,7 +227,7 @@ class MixCo(keras.Model):
     # ------------------------------------------------------------------ the algorithm
 
     def mix(self, images):
-        """Mixes the first half of a batch with the second half.
+        """Mixes the first half of a batch with the second half; see `mixing.mix_halves`.
 
         Args:
             images: float `[batch, height, width, 3]`, batch even.
@@ -394,43 +395,9 @@ class MixCo(keras.Model):
             self.seed_generator.state.assign(store[_SEED_STATE_KEY])
 
 
-def mix_halves(images, seed=None, lam=None):
-    """Mixes the first half of a batch with the second half, with weights from U(0, 1).
-
-    `MixCo.mix` calls this with the model's seed generator. The augmentation preview and
-    the TensorBoard image summary call it with their own seed, so they show the same
-    mixing without drawing from the model's random state.
-
-    Args:
-        images: float `[batch, height, width, 3]`, batch even.
-        seed: a `keras.random.SeedGenerator`, an integer for a fixed draw, or None.
-        lam: float `[batch / 2]` mixing weights to use instead of drawing them.
-
-    Returns:
-        `(mixed, lam)`: mixed images `[batch / 2, height, width, 3]` with
-        `mixed[i] = lam[i] * images[i] + (1 - lam[i]) * images[i + batch / 2]`, and
-        float32 `lam` `[batch / 2]`.
-    """
-    half = tf.shape(images)[0] // 2
-    if lam is None:
-        lam = keras.random.uniform([half], seed=seed)
-    first, second = images[:half], images[half:]
-    weights = tf.cast(tf.reshape(lam, [-1, 1, 1, 1]), images.dtype)
-    mixed = weights * first + (1.0 - weights) * second
-    return mixed, lam
-
-
 def _unpack_views(data):
     """Accepts `(view_q, view_k)` as yielded by the dataset, or Keras's `((q, k),)`."""
-    if isinstance(data, (tuple, list)) and len(data) == 1:
-        data = data[0]
-    if not isinstance(data, (tuple, list)) or len(data) != 2:
-        raise ValueError(
-            "MixCo.fit expects a dataset of (view_q, view_k) pairs, two augmented views of "
-            f"the same images; got an element of type {type(data).__name__}. Use "
-            "mixco_tf.augment.two_view_dataset to build one."
-        )
-    return data[0], data[1]
+    return unpack_views(data, "MixCo")
 
 
 def _check_batch_size(batch_size, key_bn_splits, queue_size, num_replicas=1):

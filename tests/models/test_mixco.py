@@ -6,7 +6,7 @@ import pytest
 import tensorflow as tf
 
 from mixco_tf.models import MixCo
-from mixco_tf.models.mixco import mix_halves
+from mixco_tf.models.mixing import mix_halves
 
 BATCH = 8
 IMAGE = 16
