@@ -283,6 +283,7 @@ def test_model_dir_of_other_config_is_refused(tmp_path):
         (["--temperature=0"], "temperature=0.0"),
         (["--moco_momentum=1.5"], "moco_momentum=1.5"),
         (["--key_bn_splits=3"], "key_bn_splits=3"),
+        (["--method=simclr", "--strategy=mirrored", "--cpu_devices=2"], "method='simclr' with 2 replicas"),
     ],
 )
 def test_bad_flag_names_key(tmp_path, flags, named):
