@@ -35,6 +35,8 @@ setuptools.setup(
         "gpu": ["tensorflow[and-cuda]>=2.16"],
         # Plots, the augmentation preview and examples/quickstart.ipynb.
         "notebook": ["matplotlib>=3.6", "ipykernel>=6.0"],
+        # The run plots and compare's capacity plot, without the notebook kernel.
+        "plots": ["matplotlib>=3.6"],
         # tensorflow-serving-api requires the `tensorflow` distribution; next to
         # tensorflow-cpu install it with `pip install --no-deps tensorflow-serving-api`.
         "serving": ["tensorflow-serving-api>=2.16", "requests>=2.0"],

@@ -402,9 +402,7 @@ def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_
         ),
         # Before the checkpoint, so that every replica holds, and the checkpoint stores,
         # the replicas' mean BatchNorm statistics.
-        distribute.make_batch_norm_sync_callback(
-            strategy, [model.backbone, model.projection_head, model.key_backbone, model.key_projection_head]
-        ),
+        distribute.make_batch_norm_sync_callback(strategy, _encoders(model)),
         # Last, because its backup marks the epoch as done: an epoch's history row is
         # then always written before the backup that a resumed run starts from.
         checkpointing.EpochCheckpoint(model_dir),
@@ -434,6 +432,12 @@ def _fit(model, strategy, dataset_fn, config, model_dir, start_epoch, steps_per_
             verbose=verbose,
             shuffle=False,
         )
+
+
+def _encoders(model):
+    """Returns the model's encoder parts: query backbone and head, and the key encoder if any."""
+    names = ("backbone", "projection_head", "key_backbone", "key_projection_head")
+    return [getattr(model, name) for name in names if hasattr(model, name)]
 
 
 def _check_dataset_name(config):

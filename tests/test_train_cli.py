@@ -274,6 +274,19 @@ def test_model_dir_of_other_config_is_refused(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize("method", ["simclr", "simclr_mixco"])
+def test_simclr_methods_train_from_cli(tmp_path, method):
+    """SimCLR has no key encoder; the epoch-end callbacks must not expect one."""
+    model_dir = tmp_path / "run"
+
+    result = _run_train([f"--model_dir={model_dir}", *TINY_FLAGS, f"--method={method}", "--evaluate=false"])
+
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["epochs_completed"] == results["config"]["epochs"]
+    assert results["config"]["method"] == method
+
+
 @pytest.mark.parametrize(
     "flags, named",
     [
