@@ -7,7 +7,7 @@ import pytest
 from mixco_tf import config as config_lib
 
 CONFIGS = pathlib.Path(__file__).resolve().parents[1] / "configs"
-DATA_SET_CONFIGS = sorted(path.name for path in CONFIGS.glob("*.yaml") if path.name != "digits.yaml")
+DATA_SET_CONFIGS = sorted(path.name for path in CONFIGS.glob("*.yaml") if not path.name.startswith("digits"))
 
 
 def _load(name):
@@ -21,6 +21,9 @@ def test_data_set_configs_exist():
         "tiny_imagenet_resnet18_mixco.yaml",
         "tiny_imagenet_resnet18_mixco_fast.yaml",
         "tiny_imagenet_resnet18_moco.yaml",
+        "tiny_imagenet_resnet18_simclr.yaml",
+        "tiny_imagenet_resnet34_simclr.yaml",
+        "tiny_imagenet_resnet50_simclr.yaml",
     ]
 
 
@@ -28,8 +31,9 @@ def test_data_set_configs_exist():
 def test_config_file_loads_and_validates(name):
     config = _load(name)
 
-    assert config.dataset == name.split("_resnet")[0]
-    assert config.backbone == "resnet18"
+    dataset, rest = name.split("_resnet")
+    assert config.dataset == dataset
+    assert config.backbone == "resnet" + rest.split("_")[0]
 
 
 @pytest.mark.parametrize("name, method, mix_weight", [("tiny_imagenet_resnet18_mixco.yaml", "mixco", 1.0), ("tiny_imagenet_resnet18_moco.yaml", "moco", 0.0)])

@@ -261,7 +261,7 @@ def register_transfer_dataset():
         return (255 - np.clip(np.round(small), 0, 255)).astype(np.uint8), labels[keep]
 
     @register_dataset(TRANSFER_DATASET)
-    def load(data_dir=None):
+    def load(data_dir=None, skip_bad_files=False):
         train_images, train_labels, test_images, test_labels = load_digits_arrays()
         train = variant(train_images, train_labels)
         test = variant(test_images, test_labels)
