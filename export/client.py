@@ -6,7 +6,7 @@
 
 Images are PNG or JPEG files (read with Pillow, or TensorFlow when Pillow is missing) or
 `.npy` files of uint8 `[height, width, 3]` or `[batch, height, width, 3]`. All images of
-one call must have the same height and width, because they travel as one batch;
+one call must have the same height and width, because they travel as one batch.
 `serving_default` resizes them to the training size on the server.
 
 REST sends TF Serving's row format to `POST /v1/models/NAME[/versions/N]:predict`:

@@ -138,7 +138,7 @@ def export_backbone_onnx(
 
     The ONNX graph maps `images`, float32 `[batch, image_size, image_size, 3]` resized
     and normalized with `mean` and `std` (recorded in `mixco_export.json` beside it), to
-    `features`, float32 `[batch, feature_dim]`; the batch dimension is dynamic. Before
+    `features`, float32 `[batch, feature_dim]`. The batch dimension is dynamic. Before
     the version folder appears, ONNX Runtime runs the file on two random images and its
     features must equal the Keras backbone's within `ONNX_TOLERANCE`. The folder is
     written and renamed into place like `export_backbone`'s.

@@ -66,7 +66,7 @@ def check_search_space(directory, space):
 
     Raises:
         SearchSpaceMismatch: if the directory already contains a different space; the
-            message lists the differing keys and says how to start a new search.
+            message lists the differing keys and explains how to start a new search.
     """
     path = os.path.join(directory, SEARCH_SPACE_FILE)
     space = json.loads(json.dumps(space))

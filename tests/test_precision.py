@@ -12,8 +12,8 @@ from mixco_tf.models import MixCo
 
 BATCH = 8
 IMAGE = 8
-# LossScaleOptimizer starts at a scale of 2**15, which overflows float16 gradients here;
-# it halves the scale and skips the step until they fit (4 steps in this setting), so
+# LossScaleOptimizer starts at a scale of 2**15, which overflows float16 gradients here.
+# It halves the scale and skips the step until they fit (4 steps in this setting), so
 # the float16 weights move only after that.
 STEPS = 8
 

@@ -76,7 +76,7 @@ def _image_events(log_dir):
             for value in event.summary.value:
                 if value.tag != "mixed_inputs":
                     continue
-                # The tensor holds width, height, then one encoded PNG per image.
+                # The tensor contains width, height, then one encoded PNG per image.
                 encoded = tf.make_ndarray(value.tensor)[2:]
                 images = [tf.io.decode_png(png).numpy() for png in encoded]
                 events.append((event.step, images, value.metadata.summary_description))
