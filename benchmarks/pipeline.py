@@ -68,8 +68,31 @@ def time_pipeline(splits, image_size, batch_size, epochs):
     return rates[0], sum(rates[1:]) / max(1, len(rates) - 1)
 
 
+# The train step each view size is compared with: the default config (`configs/digits.yaml`,
+# ResNet-18 cifar stem at width 0.125) at 16 and 32 px, and at 64 px the configuration of
+# benchmarks/step.py (ResNet-18, imagenet stem, full width, queue 16,384).
+STEP_CONFIGS = {
+    16: {},
+    32: {},
+    64: {"stem": "imagenet", "width_multiplier": 1.0, "queue_size": 16384},
+}
+# (data set, view size) rows; the 64 px sources are Tiny ImageNet's and the folder's 96 px JPEGs.
+ROWS = (
+    ("digits", 16),
+    ("tiny_imagenet", 32),
+    ("cifar10", 32),
+    ("folder", 32),
+    ("tiny_imagenet", 64),
+    ("folder", 64),
+)
+
+
 def time_train_step(image_size, batch_size, steps):
-    """Returns the images/s that the default MixCo train step consumes at `image_size`."""
+    """Returns the images/s that the MixCo train step of `STEP_CONFIGS[image_size]` consumes.
+
+    Calls the train function that `fit` compiled, as benchmarks/step.py does: `fit`
+    itself costs about 2 s per call, as much as several small steps.
+    """
     import dataclasses
 
     import tensorflow as tf
@@ -77,14 +100,19 @@ def time_train_step(image_size, batch_size, steps):
     from mixco_tf import experiment
     from mixco_tf.config import Config
 
-    config = dataclasses.replace(Config(), image_size=image_size, batch_size=batch_size)
+    config = dataclasses.replace(
+        Config(), image_size=image_size, batch_size=batch_size, **STEP_CONFIGS[image_size]
+    )
     model = experiment.build_model(config)
     model.compile(optimizer=experiment.build_optimizer(config, steps_per_epoch=steps + 2))
     batch = tf.random.normal([batch_size, image_size, image_size, 3])
     data = tf.data.Dataset.from_tensors((batch, batch)).repeat()
     model.fit(data, steps_per_epoch=2, epochs=1, verbose=0)
+    iterator = iter(data)
     started = time.perf_counter()
-    model.fit(data, steps_per_epoch=steps, epochs=1, verbose=0)
+    for _ in range(steps):
+        logs = model.train_function(iterator)
+    float(logs["loss"])  # waits for the last step
     return steps * batch_size / (time.perf_counter() - started)
 
 
@@ -93,19 +121,26 @@ def main(argv):
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         _write_miniatures(folder, FLAGS.num_images)
-        for name, image_size in (("digits", 16), ("tiny_imagenet", 32), ("cifar10", 32), ("folder", 32)):
+        for name, image_size in ROWS:
             splits = _load(name, folder)
             first, cached = time_pipeline(splits, image_size, FLAGS.batch_size, FLAGS.epochs)
             rows.append((name, splits.num_train, image_size, first, cached))
-            logging.info("%s: first epoch %.0f images/s, cached %.0f images/s", name, first, cached)
-    step_rates = {size: time_train_step(size, FLAGS.batch_size, FLAGS.train_steps) for size in (16, 32)}
+            logging.info("%s at %d px: first epoch %.0f images/s, cached %.0f images/s", name, image_size, first, cached)
+    step_rates = {size: time_train_step(size, FLAGS.batch_size, FLAGS.train_steps) for size in STEP_CONFIGS}
 
     print(f"machine: {platform.machine()}, {os.cpu_count()} CPU cores, {platform.platform()}")
-    print(f"date: {time.strftime('%Y-%m-%d')}")
-    print("| data set | train images | view size | pipeline, first epoch (images/s) | pipeline, cached (images/s) | train step consumes (images/s) |")
-    print("| --- | --- | --- | --- | --- | --- |")
+    print(f"date: {time.strftime('%Y-%m-%d')}, load average {os.getloadavg()[0]:.1f}")
+    print(
+        "| data set | train images | view size | pipeline, first epoch (images/s) "
+        "| pipeline, cached (images/s) | train step consumes (images/s) | headroom (cached / step) |"
+    )
+    print("| --- | --- | --- | --- | --- | --- | --- |")
     for name, num_train, image_size, first, cached in rows:
-        print(f"| {name} | {num_train} | {image_size} | {first:.0f} | {cached:.0f} | {step_rates[image_size]:.0f} |")
+        step_rate = step_rates[image_size]
+        print(
+            f"| {name} | {num_train} | {image_size} | {first:.0f} | {cached:.0f} | {step_rate:.0f} "
+            f"| {cached / step_rate:.1f} |"
+        )
 
 
 if __name__ == "__main__":

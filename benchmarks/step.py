@@ -49,6 +49,7 @@ FIELDS = (
     "batch_size",
     "precision",
     "jit_compile",
+    "onednn",
     "images_per_second",
     "step_seconds_median",
     "peak_rss_mb",
@@ -88,6 +89,12 @@ def build_parser():
     parser.add_argument("--batch_size", type=_list_of(int), default=[128])
     parser.add_argument("--precision", type=_list_of(str), default=["float32"])
     parser.add_argument("--jit_compile", type=_list_of(_parse_bool), default=[False])
+    parser.add_argument(
+        "--onednn",
+        type=_list_of(_parse_bool),
+        default=[True],
+        help="TF_ENABLE_ONEDNN_OPTS of the worker: oneDNN CPU kernels on or off",
+    )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--warmup_steps", type=int, default=3)
     parser.add_argument("--repeats", type=int, default=3)
@@ -109,8 +116,9 @@ def settings(args):
         args.batch_size,
         args.precision,
         args.jit_compile,
+        args.onednn,
     ):
-        backbone, width, stem, size, batch, precision, jit = values
+        backbone, width, stem, size, batch, precision, jit, onednn = values
         yield {
             "backbone": backbone,
             "width_multiplier": width,
@@ -119,6 +127,7 @@ def settings(args):
             "batch_size": batch,
             "precision": precision,
             "jit_compile": jit,
+            "onednn": onednn,
             "steps": args.steps,
             "warmup_steps": args.warmup_steps,
             "repeats": args.repeats,
@@ -233,9 +242,16 @@ def run_worker(group):
     import numpy as np
     import tensorflow as tf
 
+    from mixco_tf import runtime
     from mixco_tf.models import MixCo
 
     setting = group["setting"]
+    if runtime.onednn_enabled() != setting["onednn"]:
+        raise RuntimeError(
+            f"the worker requested onednn={setting['onednn']} but TensorFlow reports "
+            f"{runtime.onednn_enabled()}: this TensorFlow build ignores {runtime.ONEDNN_VARIABLE}"
+        )
+
     matmul_fp32 = matmul_gflops(tf.float32)
     compute_dtype = COMPUTE_DTYPES[setting["precision"]]
     matmul_same = matmul_fp32 if compute_dtype == "float32" else matmul_gflops(getattr(tf, compute_dtype))
@@ -320,7 +336,9 @@ def run_worker(group):
 
 def _run_in_subprocess(group, timeout):
     command = [sys.executable, "-m", "benchmarks.step", "--worker", json.dumps(group)]
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+    # TensorFlow reads the oneDNN switch when it loads, so each worker gets its own.
+    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if group["setting"]["onednn"] else "0"}
+    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if completed.returncode != 0:
         raise RuntimeError(
             f"benchmark worker failed for {group} with exit code {completed.returncode}:\n"
@@ -333,14 +351,14 @@ def _ratio_lines(records):
     """Returns 'MixCo / MoCo step time' lines for configurations measured with both methods."""
     by_key = {}
     for record in records:
-        key = tuple(record[name] for name in FIELDS[1:8])
+        key = tuple(record[name] for name in FIELDS[1:9])
         by_key.setdefault(key, {})[record["method"]] = record
     lines = []
     for key, methods in by_key.items():
         if {"mixco", "moco"} <= methods.keys():
             ratio = methods["mixco"]["step_seconds_median"] / methods["moco"]["step_seconds_median"]
             flop_ratio = methods["mixco"]["step_gflop"] / methods["moco"]["step_gflop"]
-            described = ", ".join(f"{name}={value}" for name, value in zip(FIELDS[1:8], key))
+            described = ", ".join(f"{name}={value}" for name, value in zip(FIELDS[1:9], key))
             lines.append(f"MixCo / MoCo step time {ratio:.3f} (FLOP ratio {flop_ratio:.3f}) at {described}")
     return lines
 
@@ -349,7 +367,8 @@ def _format_row(record):
     return (
         f"{record['method']:6} {record['backbone']:8} {record['width_multiplier']:5.2f} {record['stem']:8} "
         f"{record['image_size']:4d} {record['batch_size']:5d} {record['precision']:14} "
-        f"{'on' if record['jit_compile'] else 'off':3} {record['images_per_second']:7.1f} "
+        f"{'on' if record['jit_compile'] else 'off':3} {'on' if record['onednn'] else 'off':6} "
+        f"{record['images_per_second']:7.1f} "
         f"{record['step_seconds_median']:7.3f} {record['step_gflop']:7.1f} {record['utilization']:5.2f} "
         f"{record['utilization_fp32']:6.2f} {record['peak_rss_mb']:7.0f}"
     )
@@ -369,7 +388,7 @@ def main(argv=None):
             parser.error(str(error))
     print(
         f"{'method':6} {'backbone':8} {'width':>5} {'stem':8} {'size':>4} {'batch':>5} {'precision':14} "
-        f"{'xla':3} {'img/s':>7} {'step s':>7} {'GFLOP':>7} {'util':>5} {'util32':>6} {'RSS MB':>7}"
+        f"{'xla':3} {'onednn':6} {'img/s':>7} {'step s':>7} {'GFLOP':>7} {'util':>5} {'util32':>6} {'RSS MB':>7}"
     )
     records = []
     for group in groups:

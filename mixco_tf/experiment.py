@@ -20,7 +20,7 @@ import tensorflow as tf
 import yaml
 
 from mixco_tf import augment, checkpointing, custom_loop, distribute, evaluation, export
-from mixco_tf import plots, preview, summaries
+from mixco_tf import plots, preview, runtime, summaries
 from mixco_tf import callbacks as callbacks_lib
 from mixco_tf import config as config_lib
 from mixco_tf.config import ConfigError
@@ -249,6 +249,7 @@ def run_experiment(config, evaluate=True, overwrite=False, evaluate_random_init=
         "pretrain_seconds": round(pretrain_seconds, 1),
         "strategy": distribute.strategy_name(strategy),
         "num_replicas": strategy.num_replicas_in_sync,
+        "onednn": runtime.onednn_enabled(),
         "versions": {"tensorflow": tf.__version__, "keras": keras.__version__},
     }
     if evaluate and (splits.unlabeled or splits.num_test == 0):

@@ -59,13 +59,16 @@ def test_cli_writes_one_record_per_method(tmp_path):
     command = [
         sys.executable, "-m", "benchmarks.step", "--width_multiplier=0.0625", "--image_size=16",
         "--batch_size=16", "--steps=2", "--warmup_steps=1", "--repeats=1", "--queue_size=32",
-        f"--output={output}",
+        "--onednn=true,false", f"--output={output}",
     ]
     completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
 
     assert completed.returncode == 0, completed.stderr[-2000:]
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [record["method"] for record in records] == ["mixco", "moco"]
+    # One worker per oneDNN setting; each checks that TensorFlow took its setting.
+    assert [(record["method"], record["onednn"]) for record in records] == [
+        ("mixco", True), ("moco", True), ("mixco", False), ("moco", False)
+    ]
     for record in records:
         assert set(step.FIELDS) <= record.keys()
         assert record["images_per_second"] > 0
