@@ -25,32 +25,18 @@ import time
 
 import numpy as np
 
+from benchmarks import flags
+
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 WINDOW = 10
-
-
-def _list_of(kind):
-    def parse(text):
-        return [kind(item) for item in text.split(",") if item]
-
-    return parse
-
-
-def _parse_bool(text):
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
 
 
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.loss_curve", description=__doc__.split("\n")[0])
     parser.add_argument("--config", default="configs/digits.yaml", help="YAML config to train")
     parser.add_argument("--steps", type=int, default=100)
-    parser.add_argument("--precision", type=_list_of(str), default=["float32", "mixed_bfloat16"])
-    parser.add_argument("--onednn", type=_list_of(_parse_bool), default=[True])
+    parser.add_argument("--precision", type=flags.list_of(str), default=["float32", "mixed_bfloat16"])
+    parser.add_argument("--onednn", type=flags.list_of(flags.parse_bool), default=[True])
     parser.add_argument("--output", default=None, help="JSON file with every curve and the comparison")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)

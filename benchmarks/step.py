@@ -40,6 +40,8 @@ import subprocess
 import sys
 import time
 
+from benchmarks import flags
+
 FIELDS = (
     "method",
     "backbone",
@@ -63,35 +65,19 @@ PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 COMPUTE_DTYPES = {"float32": "float32", "mixed_bfloat16": "bfloat16", "mixed_float16": "float16"}
 
 
-def _list_of(kind):
-    def parse(text):
-        return [kind(item) for item in text.split(",") if item]
-
-    return parse
-
-
-def _parse_bool(text):
-    lowered = text.strip().lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog="python -m benchmarks.step", description=__doc__.split("\n")[0])
-    parser.add_argument("--methods", type=_list_of(str), default=["mixco", "moco"])
-    parser.add_argument("--backbone", type=_list_of(str), default=["resnet18"])
-    parser.add_argument("--width_multiplier", type=_list_of(float), default=[1.0])
-    parser.add_argument("--stem", type=_list_of(str), default=["imagenet"])
-    parser.add_argument("--image_size", type=_list_of(int), default=[64])
-    parser.add_argument("--batch_size", type=_list_of(int), default=[128])
-    parser.add_argument("--precision", type=_list_of(str), default=["float32"])
-    parser.add_argument("--jit_compile", type=_list_of(_parse_bool), default=[False])
+    parser.add_argument("--methods", type=flags.list_of(str), default=["mixco", "moco"])
+    parser.add_argument("--backbone", type=flags.list_of(str), default=["resnet18"])
+    parser.add_argument("--width_multiplier", type=flags.list_of(float), default=[1.0])
+    parser.add_argument("--stem", type=flags.list_of(str), default=["imagenet"])
+    parser.add_argument("--image_size", type=flags.list_of(int), default=[64])
+    parser.add_argument("--batch_size", type=flags.list_of(int), default=[128])
+    parser.add_argument("--precision", type=flags.list_of(str), default=["float32"])
+    parser.add_argument("--jit_compile", type=flags.list_of(flags.parse_bool), default=[False])
     parser.add_argument(
         "--onednn",
-        type=_list_of(_parse_bool),
+        type=flags.list_of(flags.parse_bool),
         default=[True],
         help="TF_ENABLE_ONEDNN_OPTS of the worker: oneDNN CPU kernels on or off",
     )
