@@ -1,6 +1,7 @@
 """Argument types shared by the benchmark command lines."""
 
 import argparse
+import os
 
 
 def list_of(kind):
@@ -20,3 +21,18 @@ def parse_bool(text):
     if lowered in ("0", "false", "no", "off"):
         return False
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
+
+
+def parse_switch(text):
+    """Reads "default" as None, otherwise a bool as `parse_bool` does."""
+    if text.strip().lower() == "default":
+        return None
+    return parse_bool(text)
+
+
+def switch_environment(variable, value):
+    """Returns a copy of os.environ with `variable` set to "1"/"0", or unset for None."""
+    env = {key: item for key, item in os.environ.items() if key != variable}
+    if value is not None:
+        env[variable] = "1" if value else "0"
+    return env

@@ -16,7 +16,6 @@ contrastive training move by several tenths from batch to batch.
 """
 
 import argparse
-import dataclasses
 import json
 import os
 import subprocess
@@ -36,7 +35,12 @@ def build_parser():
     parser.add_argument("--config", default="configs/digits.yaml", help="YAML config to train")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--precision", type=flags.list_of(str), default=["float32", "mixed_bfloat16"])
-    parser.add_argument("--onednn", type=flags.list_of(flags.parse_bool), default=[True])
+    parser.add_argument(
+        "--onednn",
+        type=flags.list_of(flags.parse_switch),
+        default=[None],
+        help="TF_ENABLE_ONEDNN_OPTS of each run: true, false, or default (TensorFlow's choice)",
+    )
     parser.add_argument("--output", default=None, help="JSON file with every curve and the comparison")
     parser.add_argument("--timeout", type=float, default=1800, help="seconds per run")
     parser.add_argument("--worker", default=None, help=argparse.SUPPRESS)
@@ -51,7 +55,8 @@ def run_worker(run):
 
     import keras
 
-    config = dataclasses.replace(config_lib.load_yaml(run["config"]), seed=run["seed"], precision=run["precision"])
+    values = config_lib.load_yaml(run["config"])
+    config = config_lib.from_dict({**values, "seed": run["seed"], "precision": run["precision"]}, source=run["config"])
     keras.mixed_precision.set_global_policy(config.precision)
     keras.utils.set_random_seed(config.seed)
     splits = experiment._load_data(config)  # pylint: disable=protected-access
@@ -94,7 +99,7 @@ def compare(reference, other):
 
 def _run_in_subprocess(run, timeout):
     command = [sys.executable, "-m", "benchmarks.loss_curve", "--worker", json.dumps(run)]
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if run["onednn"] else "0"}
+    env = flags.switch_environment("TF_ENABLE_ONEDNN_OPTS", run["onednn"])
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if completed.returncode != 0:
         raise RuntimeError(f"run {run} failed with exit code {completed.returncode}:\n{completed.stderr[-3000:]}")
@@ -102,7 +107,8 @@ def _run_in_subprocess(run, timeout):
 
 
 def _label(run):
-    return f"{run['precision']}, oneDNN {'on' if run['onednn'] else 'off'}, seed {run['seed']}"
+    onednn = {None: "default", True: "on", False: "off"}[run["onednn"]]
+    return f"{run['precision']}, oneDNN {onednn}, seed {run['seed']}"
 
 
 def main(argv=None):
@@ -120,7 +126,7 @@ def main(argv=None):
         parser.error(f"--config={args.config!r} is not a file: pass a YAML config such as configs/digits.yaml")
     from mixco_tf import config as config_lib
 
-    seed = config_lib.load_yaml(args.config).seed
+    seed = config_lib.from_dict(config_lib.load_yaml(args.config), source=args.config).seed
     runs = [
         {"config": args.config, "steps": args.steps, "precision": precision, "onednn": onednn, "seed": seed}
         for precision in args.precision

@@ -77,9 +77,9 @@ def build_parser():
     parser.add_argument("--jit_compile", type=flags.list_of(flags.parse_bool), default=[False])
     parser.add_argument(
         "--onednn",
-        type=flags.list_of(flags.parse_bool),
-        default=[True],
-        help="TF_ENABLE_ONEDNN_OPTS of the worker: oneDNN CPU kernels on or off",
+        type=flags.list_of(flags.parse_switch),
+        default=[None],
+        help="TF_ENABLE_ONEDNN_OPTS of the worker: true, false, or default (TensorFlow's choice for this CPU)",
     )
     parser.add_argument("--steps", type=int, default=10, help="timed steps per repeat")
     parser.add_argument("--warmup_steps", type=int, default=3)
@@ -232,7 +232,7 @@ def run_worker(group):
     from mixco_tf.models import MixCo
 
     setting = group["setting"]
-    if runtime.onednn_enabled() != setting["onednn"]:
+    if setting["onednn"] is not None and runtime.onednn_enabled() != setting["onednn"]:
         raise RuntimeError(
             f"the worker requested onednn={setting['onednn']} but TensorFlow reports "
             f"{runtime.onednn_enabled()}: this TensorFlow build ignores {runtime.ONEDNN_VARIABLE}"
@@ -293,6 +293,7 @@ def run_worker(group):
         flops = step_flops(forward, batch, method, setting["queue_size"], projection_dim)
         achieved = flops / median / 1e9
         record = {"method": method, **{key: setting[key] for key in FIELDS if key in setting}}
+        record["onednn"] = runtime.onednn_enabled()  # what ran, also for "default"
         record.update(
             images_per_second=batch / median,
             step_seconds_median=median,
@@ -323,7 +324,7 @@ def run_worker(group):
 def _run_in_subprocess(group, timeout):
     command = [sys.executable, "-m", "benchmarks.step", "--worker", json.dumps(group)]
     # TensorFlow reads the oneDNN switch when it loads, so each worker gets its own.
-    env = {**os.environ, "TF_ENABLE_ONEDNN_OPTS": "1" if group["setting"]["onednn"] else "0"}
+    env = flags.switch_environment("TF_ENABLE_ONEDNN_OPTS", group["setting"]["onednn"])
     completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
     if completed.returncode != 0:
         raise RuntimeError(

@@ -13,15 +13,8 @@ Public API:
 """
 
 import importlib
-import sys
-
-from mixco_tf import runtime
 
 __version__ = "0.1.0"
-
-# Before TensorFlow loads: TensorFlow reads the oneDNN switch only at import time.
-if not runtime.prefer_onednn() and "tensorflow" in sys.modules:
-    runtime.warn_if_onednn_missed()
 
 # Names resolve on first use, so `python -m mixco_tf.train` can reject a bad config
 # before TensorFlow loads, and `python -m mixco_tf.export` does not find its own module

@@ -193,3 +193,18 @@ def simclr_mix_contrast(z_mix1, z_mix2, z1, z2, lam1, lam2, temperature):
     first = mix_contrast(z_mix1, z2, None, lam1, temperature)
     second = mix_contrast(z_mix2, z1, None, lam2, temperature)
     return (first + second) / 2.0
+
+
+def nan_unless_finite_gradients(loss, gradients):
+    """Returns `loss`, or NaN when any gradient is NaN or infinite.
+
+    A NaN input can leave the loss finite: oneDNN's fused MatMul + ReLU maps NaN to 0,
+    so NaN features from the backbone reach the projection head as zeros. The
+    gradients still carry the NaN, and the NaN guard watches the loss.
+
+    Args:
+        loss: float scalar.
+        gradients: list of float tensors (None entries are skipped).
+    """
+    norm = tf.linalg.global_norm([g for g in gradients if g is not None])
+    return tf.where(tf.math.is_finite(norm), loss, tf.constant(float("nan"), loss.dtype))

@@ -1,32 +1,24 @@
-"""TensorFlow runtime settings that must be chosen before TensorFlow loads.
+"""TensorFlow's oneDNN CPU kernels: whether they run, and the layer shapes they get wrong.
 
-oneDNN kernels: TensorFlow on x86 Linux turns its oneDNN CPU kernels on by default only
-on CPUs with AVX512 extensions such as VNNI, BF16 or AMX. On an AVX2-only CPU the
-fallback Eigen convolution gradients make a ResNet-18 training step about 3.5x slower
-(docs/benchmarks.md: 64 px, batch 128). TensorFlow reads `TF_ENABLE_ONEDNN_OPTS` once,
-when it is imported, so `mixco_tf/__init__.py` sets it to "1" unless the user set it or
-TensorFlow is already loaded. Set `TF_ENABLE_ONEDNN_OPTS=0` to keep TensorFlow's default.
+TensorFlow on x86 Linux turns its oneDNN kernels on by default only on CPUs with
+AVX512 extensions such as VNNI, BF16 or AMX. Elsewhere `TF_ENABLE_ONEDNN_OPTS=1`, set
+before TensorFlow is imported, turns them on. On an AVX2-only CPU they make a
+ResNet-18 training step about 3.5x faster (docs/benchmarks.md), but mixco_tf leaves
+TensorFlow's default alone because TensorFlow 2.21's oneDNN filter gradient of a
+strided 1x1 convolution is wrong when it has fewer than 8 input channels. Measured on an
+AVX2 AMD EPYC (batch 8, 4 to 64 px, stride 2): 8% to 350% off the float64 result with 1,
+3, 4, 6 or 7 channels, and heap corruption that aborts the process with 2 or 5. With 8,
+12, 16, 20, 24, 32, 40, 64 or 96 channels, and for 3x3, 5x5 and 7x7 kernels with 3 or 4
+channels, it matched. ResNet's downsample shortcuts are strided 1x1 convolutions with as
+many input channels as the previous stage (4 at width_multiplier 0.0625).
+`check_backbone` rejects those shapes while oneDNN runs.
 """
 
-import logging
-import os
-import sys
-
-logger = logging.getLogger(__name__)
+import keras
 
 ONEDNN_VARIABLE = "TF_ENABLE_ONEDNN_OPTS"
-
-
-def prefer_onednn():
-    """Requests oneDNN CPU kernels unless TensorFlow is already loaded or the user chose.
-
-    Returns:
-        True if this call set the variable, False if it left the environment unchanged.
-    """
-    if ONEDNN_VARIABLE in os.environ or "tensorflow" in sys.modules:
-        return False
-    os.environ[ONEDNN_VARIABLE] = "1"
-    return True
+# Minimum input channels of a strided 1x1 convolution for a correct oneDNN gradient.
+MIN_SAFE_CHANNELS = 8
 
 
 def onednn_enabled():
@@ -42,21 +34,38 @@ def onednn_enabled():
     return bool(_pywrap_util_port.IsMklEnabled())
 
 
-def warn_if_onednn_missed():
-    """Logs a warning when TensorFlow was imported first and runs without oneDNN on a CPU.
+def unsafe_onednn_convolutions(backbone):
+    """Returns `(layer name, input channels)` of each strided 1x1 Conv2D oneDNN gets wrong.
 
-    Call only when TensorFlow is already loaded; GPUs make the warning moot.
+    Args:
+        backbone: a built `keras.Model`, e.g. from `mixco_tf.models.build_backbone`.
     """
-    if ONEDNN_VARIABLE in os.environ or onednn_enabled() is not False:
-        return
-    import tensorflow as tf  # pylint: disable=import-outside-toplevel
+    unsafe = []
+    for layer in backbone.layers:
+        if not isinstance(layer, keras.layers.Conv2D):
+            continue
+        is_pointwise = tuple(layer.kernel_size) == (1, 1)
+        is_strided = max(layer.strides) > 1
+        channels = layer.kernel.shape[-2]
+        if is_pointwise and is_strided and channels < MIN_SAFE_CHANNELS:
+            unsafe.append((layer.name, channels))
+    return unsafe
 
-    if tf.config.list_physical_devices("GPU"):
+
+def check_backbone(backbone):
+    """Raises ValueError if oneDNN runs and would compute wrong gradients for `backbone`.
+
+    Args:
+        backbone: a built `keras.Model` of Conv2D layers.
+    """
+    unsafe = unsafe_onednn_convolutions(backbone)
+    if not unsafe or not onednn_enabled():
         return
-    logger.warning(
-        "TensorFlow was imported before mixco_tf with %s unset, so its oneDNN CPU kernels are "
-        "off on this CPU and training steps run about 3.5x slower. Import mixco_tf before "
-        "TensorFlow and Keras, or set %s=1 in the environment before Python starts.",
-        ONEDNN_VARIABLE,
-        ONEDNN_VARIABLE,
+    name, channels = unsafe[0]
+    raise ValueError(
+        f"TensorFlow's oneDNN CPU kernels are on ({ONEDNN_VARIABLE}=1 or this CPU's default) and "
+        f"compute wrong gradients for strided 1x1 convolutions with {channels} input channels, "
+        f"such as {name!r} ({len(unsafe)} such layers in {backbone.name!r}). Use a width_multiplier "
+        f"that gives every stage at least {MIN_SAFE_CHANNELS} channels (0.125 or more for ResNet), "
+        f"or set {ONEDNN_VARIABLE}=0 before starting Python."
     )

@@ -19,7 +19,7 @@ import logging
 import keras
 import tensorflow as tf
 
-from mixco_tf import distribute, losses
+from mixco_tf import distribute, losses, runtime
 from mixco_tf.models.batch_norm import SplitBatchNormalization
 from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
@@ -126,6 +126,7 @@ class MixCo(keras.Model):
         self.key_backbone.trainable = False
         self.key_projection_head.trainable = False
         self._copy_query_to_key_encoder()
+        runtime.check_backbone(self.backbone)
 
         self.queue = self.add_weight(
             shape=(queue_size, projection_dim),
@@ -331,8 +332,13 @@ class MixCo(keras.Model):
             if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
                 decay = decay * self.optimizer.dynamic_scale
             gradients = [g + decay * v for g, v in zip(gradients, query_variables)]
-        if num_replicas > 1 and isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
-            gradients = distribute.poison_unless_finite_on_all_replicas(gradients)
+        if isinstance(self.optimizer, keras.optimizers.LossScaleOptimizer):
+            if num_replicas > 1:
+                gradients = distribute.poison_unless_finite_on_all_replicas(gradients)
+        else:
+            # A loss scale overflow is routine and skips the step; otherwise a
+            # non-finite gradient is a failure that the logged loss must show.
+            loss = losses.nan_unless_finite_gradients(loss, gradients)
         self.optimizer.apply(gradients, query_variables)
         self.enqueue(k)
 

@@ -33,7 +33,7 @@ def test_compare_matches_cumulative_sums():
 @pytest.mark.slow
 def test_cli_compares_onednn_runs(tmp_path):
     config = tmp_path / "small.yaml"
-    config.write_text("dataset: digits\nimage_size: 16\nwidth_multiplier: 0.0625\nbatch_size: 64\nqueue_size: 256\n")
+    config.write_text("dataset: digits\nimage_size: 16\nwidth_multiplier: 0.125\nbatch_size: 64\nqueue_size: 256\n")
     output = tmp_path / "curves.json"
     command = [
         sys.executable, "-m", "benchmarks.loss_curve", f"--config={config}", "--steps=12",
