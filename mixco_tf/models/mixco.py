@@ -19,7 +19,7 @@ import logging
 import keras
 import tensorflow as tf
 
-from mixco_tf import distribute, losses, runtime
+from mixco_tf import distribute, losses
 from mixco_tf.models.batch_norm import SplitBatchNormalization
 from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
@@ -126,7 +126,6 @@ class MixCo(keras.Model):
         self.key_backbone.trainable = False
         self.key_projection_head.trainable = False
         self._copy_query_to_key_encoder()
-        runtime.check_backbone(self.backbone)
 
         self.queue = self.add_weight(
             shape=(queue_size, projection_dim),

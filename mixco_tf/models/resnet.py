@@ -37,6 +37,12 @@ def _conv(filters, kernel_size, strides, name):
     """Builds a bias-free convolution with torchvision's padding of `kernel_size // 2`."""
     layers = []
     padding = kernel_size // 2
+    if kernel_size == 1 and strides > 1:
+        # A strided 1x1 convolution reads pixel (s * i, s * j): subsampling, then a 1x1
+        # convolution, computes the same. TensorFlow 2.21's oneDNN kernels (opt-in on
+        # AVX2 CPUs) get the strided form's filter gradient wrong below 8 input channels.
+        layers.append(keras.layers.AveragePooling2D(pool_size=1, strides=strides, name=f"{name}_subsample"))
+        strides = 1
     if strides > 1 and padding:
         layers.append(keras.layers.ZeroPadding2D(padding, name=f"{name}_pad"))
         conv_padding = "valid"

@@ -21,7 +21,7 @@ arXiv 2010.06300.
 import keras
 import tensorflow as tf
 
-from mixco_tf import losses, runtime
+from mixco_tf import losses
 from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
 
@@ -77,7 +77,6 @@ class SimCLR(keras.Model):
         _validate_hyperparameters(self)
 
         self.backbone = build_backbone(backbone, stem, width_multiplier, model_name="backbone")
-        runtime.check_backbone(self.backbone)
         feature_dim = self.backbone.output_shape[-1]
         self.projection_head = build_projection_head(feature_dim, projection_dim, name="projection_head")
         self.seed_generator = keras.random.SeedGenerator(seed, name="seed_generator")
