@@ -34,7 +34,7 @@ As in `augment.augment_image`, contrast blends each channel with that channel's 
 as `tf.image.adjust_contrast` does, and the jitter order is fixed.
 """
 
-import logging
+import dataclasses
 import math
 from typing import Sequence
 
@@ -44,8 +44,6 @@ import tensorflow as tf
 from mixco_tf import distribute
 from mixco_tf.augment import AugmentConfig, blur_kernel_size
 from mixco_tf.preprocess import normalize
-
-logger = logging.getLogger(__name__)
 
 # Boxes drawn per sample before the crop falls back to the whole image; torchvision
 # also tries 10 times.
@@ -476,3 +474,111 @@ def image_batches(
     options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
     return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
 
+
+
+@dataclasses.dataclass(frozen=True)
+class OnDeviceAugmentation:
+    """The settings with which a model's train step draws its two views itself.
+
+    Attributes:
+        config: the augmentation strengths and probabilities.
+        image_size: side of the square views, in pixels.
+        mean: per-channel mean of the data in [0, 1] units, 3 floats.
+        std: per-channel standard deviation of the data in [0, 1] units, 3 floats.
+    """
+
+    config: AugmentConfig
+    image_size: int
+    mean: tuple
+    std: tuple
+
+    @classmethod
+    def from_arguments(cls, augmentation, image_size, mean, std, model_name):
+        """Returns the settings of a model's constructor arguments, or None without `augmentation`.
+
+        Args:
+            augmentation: None, an `AugmentConfig`, or its fields as a dict (the form
+                `get_config` stores).
+            image_size: side of the square views, in pixels.
+            mean: per-channel mean, 3 floats.
+            std: per-channel standard deviation, 3 positive floats.
+            model_name: the model's class name, for error messages.
+
+        Raises:
+            ValueError: naming the invalid argument.
+        """
+        if augmentation is None:
+            return None
+        if isinstance(augmentation, dict):
+            augmentation = AugmentConfig(**augmentation)
+        if not isinstance(augmentation, AugmentConfig):
+            raise ValueError(
+                f"{model_name}(augmentation=...) must be None, a mixco_tf.AugmentConfig or "
+                f"a dict of its fields, got {type(augmentation).__name__}."
+            )
+        if not isinstance(image_size, int) or isinstance(image_size, bool) or image_size < 2:
+            raise ValueError(
+                f"{model_name}(augmentation=...) needs image_size, the side of the views in "
+                f"pixels, as an integer >= 2; got image_size={image_size!r}."
+            )
+        for name, values in (("mean", mean), ("std", std)):
+            if values is None or len(values) != 3:
+                raise ValueError(
+                    f"{model_name}(augmentation=...) needs {name} as 3 floats (R, G, B) in "
+                    f"[0, 1] units, the data's per-channel {name}; got {name}={values!r}."
+                )
+        if any(value <= 0 for value in std):
+            raise ValueError(f"{model_name}: std must be positive in every channel, got std={std!r}.")
+        return cls(augmentation, image_size, tuple(float(v) for v in mean), tuple(float(v) for v in std))
+
+    def get_config(self) -> dict:
+        """Returns the constructor arguments that rebuild these settings (JSON-friendly)."""
+        return {
+            "augmentation": dataclasses.asdict(self.config),
+            "image_size": self.image_size,
+            "mean": list(self.mean),
+            "std": list(self.std),
+        }
+
+    def draw_views(self, data, seed_generator, model_name):
+        """Draws `(view_q, view_k)` of a train step's batch; see `draw_two_views`.
+
+        Args:
+            data: what `fit` passes to `train_step`: images `[batch, height, width, 3]`
+                (uint8 or float in [0, 1]), `(images,)`, or `(images, labels)`.
+            seed_generator: the model's `keras.random.SeedGenerator`.
+            model_name: the model's class name, for error messages.
+        """
+        images = unpack_images(data, model_name)
+        return draw_two_views(
+            images,
+            seed_generator,
+            image_size=self.image_size,
+            config=self.config,
+            mean=self.mean,
+            std=self.std,
+        )
+
+
+def unpack_images(data, model_name):
+    """Returns the images of a batch `images`, `(images,)` or `(images, labels)`.
+
+    Raises:
+        ValueError: naming `model_name` for a pair of image batches (views drawn by the
+            input pipeline) or an element of another form.
+    """
+    if isinstance(data, (tuple, list)):
+        if len(data) == 2 and getattr(data[1], "shape", None) is not None and data[1].shape.rank == 4:
+            raise ValueError(
+                f"{model_name} was built with augmentation=..., so it draws the two views "
+                "itself, but the dataset yields pairs of image batches. Pass a dataset of "
+                "plain images (augment_batched.image_batches), or build the model without "
+                "augmentation."
+            )
+        if len(data) not in (1, 2):
+            raise ValueError(
+                f"{model_name}.fit with augmentation expects batches of images or "
+                f"(images, labels); got a tuple of {len(data)} elements."
+            )
+        data = data[0]
+    return data
