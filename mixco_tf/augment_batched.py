@@ -4,8 +4,7 @@
 This module draws the views of a whole batch inside the compiled train step, so a GPU
 or TPU does the work. Every transform takes a vector of per-sample parameters:
 
-1. random resized crop: one box per sample, bilinear resampling with
-   `tf.image.crop_and_resize`,
+1. random resized crop: one box per sample, bilinear resampling,
 2. color jitter with probability `color_jitter_prob`: brightness factor, contrast,
    saturation, hue,
 3. grayscale with probability `grayscale_prob`,
@@ -23,10 +22,8 @@ the parameters of the global batch once and give each replica its slice
   Each sample gets `CROP_ATTEMPTS` tries, and a sample whose tries all give a box
   larger than the image keeps the whole image (torchvision: a center crop).
   `augment.augment_image` uses TensorFlow's sampler, whose aspect ratio is uniform.
-- Crop resampling: bilinear with half-pixel centers, like `tf.image.resize`. When the
-  source is larger than `image_size`, the crop is first resampled at the source's size
-  and then downscaled with antialiasing, which is close to, but not the same as,
-  `augment_image`'s single antialiased resize of the crop.
+- Crop resampling: antialiased bilinear, as `augment_image`'s resize of the crop, but
+  pixels just outside a box contribute to its border pixels (see `resized_crops`).
 - Saturation and hue share one RGB -> HSV -> RGB round trip, with no clipping of the
   RGB values between them (both keep values in [0, 1]).
 
@@ -149,11 +146,20 @@ def _to_float_images(images):
 
 
 def resized_crops(images, boxes, image_size: int):
-    """Crops one box per image and resizes it to `image_size`, bilinear with half-pixel centers.
+    """Crops one box per image and resizes it to `image_size`: antialiased bilinear.
 
-    The output pixel `i` of a box from `y0` to `y1` (fractions of the height `H`) samples
-    the source at row `y0 * H + (i + 0.5) * (y1 - y0) * H / image_size - 0.5`, clamped to
-    the image, as `tf.image.resize` does when it resizes a cropped image.
+    Each output pixel is a weighted mean of source pixels with the triangle (bilinear)
+    filter, widened by the downscale factor when the box is larger than the output, as
+    `tf.image.resize(..., "bilinear", antialias=True)` and PIL compute it. Output pixel
+    `i` of a box from `y0` to `y1` (fractions of the height `H`) is centered at
+    `y0 * H + (i + 0.5) * (y1 - y0) * H / image_size` in pixel units, where source
+    pixel `j` is centered at `j + 0.5`. Columns likewise. Unlike resizing a cut-out crop,
+    pixels just outside the box also get weight; the filter is truncated at the image
+    border and renormalized.
+
+    The resampling is two batched matrix products, which XLA compiles (TPUs,
+    `jit_compile`). TensorFlow 2.21 has no XLA kernel for `tf.image.crop_and_resize`
+    or for the antialiased `tf.image.resize`.
 
     Args:
         images: float32 `[batch, height, width, 3]`.
@@ -165,43 +171,29 @@ def resized_crops(images, boxes, image_size: int):
         float32 `[batch, image_size, image_size, 3]`.
     """
     height, width = images.shape[1], images.shape[2]
-    # A source larger than the output is resampled at its own size first, then
-    # downscaled with antialiasing: bilinear sampling alone would alias.
-    crop_size = max(image_size, height, width)
-    # Edge padding of 1 pixel makes samples up to half a pixel outside the image read
-    # the border pixel, which is what clamping does; crop_and_resize reads 0 there.
-    padded = tf.pad(images, [[0, 0], [1, 1], [1, 1], [0, 0]], mode="SYMMETRIC")
-    first_row = _first_sample(boxes[:, 0], boxes[:, 2], height, crop_size)
-    last_row = _last_sample(boxes[:, 0], boxes[:, 2], height, crop_size)
-    first_column = _first_sample(boxes[:, 1], boxes[:, 3], width, crop_size)
-    last_column = _last_sample(boxes[:, 1], boxes[:, 3], width, crop_size)
-    # Row r of the image is row r + 1 of the padded one, at fraction (r + 1) / (height + 1).
-    sample_boxes = tf.stack(
-        [
-            (first_row + 1.0) / (height + 1.0),
-            (first_column + 1.0) / (width + 1.0),
-            (last_row + 1.0) / (height + 1.0),
-            (last_column + 1.0) / (width + 1.0),
-        ],
-        axis=1,
-    )
-    batch_indices = tf.range(tf.shape(images)[0])
-    crops = tf.image.crop_and_resize(
-        padded, sample_boxes, batch_indices, (crop_size, crop_size), method="bilinear"
-    )
-    if crop_size > image_size:
-        crops = tf.image.resize(crops, (image_size, image_size), method="bilinear", antialias=True)
-    return crops
+    row_weights = resampling_weights(boxes[:, 0], boxes[:, 2], height, image_size)
+    column_weights = resampling_weights(boxes[:, 1], boxes[:, 3], width, image_size)
+    rows = tf.einsum("bih,bhwc->biwc", row_weights, images)  # [batch, size, width, 3]
+    return tf.einsum("bjw,biwc->bijc", column_weights, rows)  # [batch, size, size, 3]
 
 
-def _first_sample(start, end, side, size):
-    """Returns the source coordinate, in pixels, of output pixel 0 along one axis."""
-    return start * side + 0.5 * (end - start) * side / size - 0.5
+def resampling_weights(start, end, side: int, size: int):
+    """Returns the `[batch, size, side]` weights of `resized_crops` along one axis.
 
-
-def _last_sample(start, end, side, size):
-    """Returns the source coordinate, in pixels, of output pixel `size - 1` along one axis."""
-    return start * side + (size - 0.5) * (end - start) * side / size - 0.5
+    Args:
+        start: float32 `[batch]`, where each box begins, as a fraction of `side`.
+        end: float32 `[batch]`, where each box ends, as a fraction of `side`.
+        side: source pixels along the axis.
+        size: output pixels along the axis.
+    """
+    scale = (end - start) * side / size  # source pixels per output pixel, [batch]
+    kernel_width = tf.maximum(scale, 1.0)
+    output_centers = start[:, None] * side + (tf.range(size, dtype=tf.float32) + 0.5) * scale[:, None]
+    source_centers = tf.range(side, dtype=tf.float32) + 0.5
+    distance = (source_centers[None, None, :] - output_centers[:, :, None]) / kernel_width[:, None, None]
+    weights = tf.maximum(0.0, 1.0 - tf.abs(distance))
+    # Never zero: some source center lies within half a pixel of every output center.
+    return weights / tf.reduce_sum(weights, axis=-1, keepdims=True)
 
 
 def _per_sample(values):
