@@ -11,10 +11,10 @@ or TPU does the work. Every transform takes a vector of per-sample parameters:
 4. Gaussian blur with probability `blur_prob`, one sigma per sample, reflect padding,
 5. horizontal flip with probability `flip_prob`.
 
-The parameters are drawn by `draw_parameters` from a stateless seed and applied by
-`apply_parameters`, so tests can fix them and a strategy with several replicas can draw
-the parameters of the global batch once and give each replica its slice
-(`draw_two_views`). The transforms, strengths and probabilities are those of
+`draw_parameters` draws the parameters from a stateless seed and `apply_parameters`
+applies them. Tests can therefore fix them, and with several replicas every replica
+draws the parameters of the global batch and applies its own slice (`draw_two_views`).
+The transforms, strengths and probabilities are those of
 `augment.augment_image` (`AugmentConfig`), with these differences:
 
 - Crop sampler: torchvision's. The area fraction is uniform in `crop_scale` and the
@@ -42,7 +42,7 @@ from mixco_tf import distribute
 from mixco_tf.augment import AugmentConfig, blur_kernel_size
 from mixco_tf.preprocess import normalize
 
-# Boxes drawn per sample before the crop falls back to the whole image; torchvision
+# Boxes drawn per sample before the crop falls back to the whole image. torchvision
 # also tries 10 times.
 CROP_ATTEMPTS = 10
 
@@ -71,7 +71,7 @@ def draw_parameters(seed, num_samples: int, source_shape, config: AugmentConfig)
 
     Args:
         seed: int32 or int64 tensor `[2]`, the stateless seed.
-        num_samples: number of views.
+        num_samples: number of views, a Python int or a scalar int32 tensor.
         source_shape: `(height, width)` of the images the views are cropped from.
         config: the augmentation strengths and probabilities.
 
@@ -121,7 +121,7 @@ def _draw_crop_boxes(seeds, num_samples, source_shape, config):
     box_height = tf.sqrt(area / ratio * width / height)
 
     fits = (box_width <= 1.0) & (box_height <= 1.0)
-    # The first attempt that fits; a sample with none takes the whole image.
+    # Each sample takes its first attempt that fits, or the whole image if none fits.
     any_fits = tf.reduce_any(fits, axis=1)
     first = tf.argmax(tf.cast(fits, tf.int32), axis=1, output_type=tf.int32)
     box_width = tf.where(any_fits, tf.gather(box_width, first, batch_dims=1), 1.0)
@@ -283,7 +283,10 @@ def gaussian_blur(images, sigma):
 
 
 def apply_parameters(images, parameters: dict, image_size: int, config: AugmentConfig):
-    """Draws the views that `parameters` describe; see `draw_parameters` for their keys.
+    """Applies per-sample parameters (the keys of `draw_parameters`) to a batch of images.
+
+    Each gated transform runs on the whole batch, and `tf.where` keeps its result for
+    the samples whose gate is on, so its cost does not depend on its probability.
 
     Args:
         images: uint8 `[batch, height, width, 3]` read as 0-255, or float in [0, 1].

@@ -279,7 +279,8 @@ def test_crop_boxes_stay_in_scale_and_ratio():
 
     boxes = parameters["crop_box"].numpy()
     heights, widths = boxes[:, 2] - boxes[:, 0], boxes[:, 3] - boxes[:, 1]
-    assert boxes.min() >= 0.0 and boxes.max() <= 1.0 + 1e-6
+    assert boxes.min() >= 0.0
+    assert boxes.max() <= 1.0 + 1e-6
     assert (heights * widths).min() >= 0.2 - 1e-6
     assert (heights * widths).max() <= 1.0 + 1e-6
     assert np.all(np.abs(np.log(widths / heights)) <= math.log(4 / 3) + 1e-5)
@@ -338,7 +339,8 @@ def test_same_seed_same_views():
     np.testing.assert_array_equal(first, second)
     assert not np.allclose(first, other)
     assert first.shape == (6, 12, 12, 3)
-    assert first.min() >= 0.0 and first.max() <= 1.0
+    assert first.min() >= 0.0
+    assert first.max() <= 1.0
 
 
 def test_xla_compiles_the_augmentation():
@@ -476,7 +478,7 @@ print(json.dumps({
 
 
 def test_replicas_draw_their_slice_of_the_global_batch():
-    """Two replicas draw different views, and together the views of one replica's global batch."""
+    """Two replicas draw different views, which together equal one replica's views of the global batch."""
     completed = subprocess.run(
         [sys.executable, "-c", _REPLICA_SCRIPT], capture_output=True, text=True, timeout=300,
         env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
