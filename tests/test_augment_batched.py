@@ -16,22 +16,12 @@ import tensorflow as tf
 from mixco_tf import augment, augment_batched
 from mixco_tf import config as config_lib
 from mixco_tf.models import MixCo, SimCLR
+# Test modules sit on pytest's import path, because tests/ is not a package.
+from test_augment import IDENTITY
+from test_train_cli import TINY_FLAGS, _run_train
 
 MEAN = (0.5, 0.5, 0.5)
 STD = (0.25, 0.25, 0.25)
-# Every transform off: a config to turn on one transform at a time.
-NOTHING = augment.AugmentConfig(
-    crop_scale=(1.0, 1.0),
-    crop_ratio=(1.0, 1.0),
-    brightness=0.0,
-    contrast=0.0,
-    saturation=0.0,
-    hue=0.0,
-    color_jitter_prob=0.0,
-    grayscale_prob=0.0,
-    blur_prob=0.0,
-    flip_prob=0.0,
-)
 
 
 def _random_images(batch, size, seed=0):
@@ -243,7 +233,7 @@ def _identical_views(config, image):
 def test_flip_rate_matches_probability():
     image = np.zeros((8, 8, 3), np.float32)
     image[:, :4] = 1.0  # bright left half
-    config = dataclasses.replace(NOTHING, flip_prob=0.3)
+    config = dataclasses.replace(IDENTITY, flip_prob=0.3)
 
     views = _identical_views(config, image)
 
@@ -254,7 +244,7 @@ def test_flip_rate_matches_probability():
 
 def test_grayscale_rate_matches_probability():
     image = np.tile(np.float32([0.9, 0.2, 0.1]), [8, 8, 1])
-    config = dataclasses.replace(NOTHING, grayscale_prob=0.2)
+    config = dataclasses.replace(IDENTITY, grayscale_prob=0.2)
 
     views = _identical_views(config, image)
 
@@ -264,7 +254,7 @@ def test_grayscale_rate_matches_probability():
 
 def test_jitter_rate_matches_probability():
     image = _random_images(1, 8)[0]
-    config = dataclasses.replace(NOTHING, brightness=0.4, color_jitter_prob=0.8)
+    config = dataclasses.replace(IDENTITY, brightness=0.4, color_jitter_prob=0.8)
 
     views = _identical_views(config, image)
 
@@ -352,6 +342,15 @@ def test_xla_compiles_the_augmentation():
 
     expected = augment_batched.apply_parameters(images, parameters, 12, config)
     np.testing.assert_allclose(compiled(images, parameters).numpy(), expected.numpy(), atol=1e-5)
+    # XLA's random ops draw other values than graph mode, so the whole draw is only run.
+    generator = keras.random.SeedGenerator(0)
+    draw = tf.function(
+        lambda x: augment_batched.draw_two_views(x, generator, image_size=12, config=config, mean=MEAN, std=STD),
+        jit_compile=True,
+    )
+    view_q, view_k = draw(images)
+    assert view_q.shape == view_k.shape == (4, 12, 12, 3)
+    assert np.isfinite(view_q.numpy()).all()
 
 
 # ---------------------------------------------------------------------- bad input
@@ -492,23 +491,8 @@ def test_replicas_draw_their_slice_of_the_global_batch():
 
 def test_train_cli_runs_with_on_device_augmentation(tmp_path):
     model_dir = tmp_path / "run"
-    flags = [
-        f"--model_dir={model_dir}",
-        "--augment_on_device=true",
-        "--epochs=1",
-        "--batch_size=32",
-        "--queue_size=64",
-        "--key_bn_splits=4",
-        "--width_multiplier=0.0625",
-        "--image_size=16",
-        "--warmup_epochs=0",
-        "--evaluate=false",
-    ]
 
-    completed = subprocess.run(
-        [sys.executable, "-m", "mixco_tf.train", *flags], capture_output=True, text=True, timeout=600,
-        env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"},
-    )
+    completed = _run_train([f"--model_dir={model_dir}", "--augment_on_device=true", "--evaluate=false", *TINY_FLAGS])
 
     assert completed.returncode == 0, completed.stderr[-3000:]
     results = json.loads((model_dir / "results.json").read_text())
