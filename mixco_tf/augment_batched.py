@@ -154,8 +154,8 @@ def resized_crops(images, boxes, image_size: int):
     `i` of a box from `y0` to `y1` (fractions of the height `H`) is centered at
     `y0 * H + (i + 0.5) * (y1 - y0) * H / image_size` in pixel units, where source
     pixel `j` is centered at `j + 0.5`. Columns likewise. Unlike resizing a cut-out crop,
-    pixels just outside the box also get weight; the filter is truncated at the image
-    border and renormalized.
+    this gives weight to pixels just outside the box too. At the image border the
+    filter is truncated and renormalized.
 
     The resampling is two batched matrix products, which XLA compiles (TPUs,
     `jit_compile`). TensorFlow 2.21 has no XLA kernel for `tf.image.crop_and_resize`

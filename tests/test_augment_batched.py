@@ -397,7 +397,7 @@ def _augmenting_mixco(**overrides):
     return model
 
 
-def test_mixco_trains_on_raw_images():
+def test_mixco_trains_on_raw_images(tmp_path):
     images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3)).astype(np.uint8)
     labels = np.arange(24) % 3
     model = _augmenting_mixco()
@@ -412,7 +412,8 @@ def test_mixco_trains_on_raw_images():
         assert all(np.isfinite(history[name][-1]) for name in ("loss", "moco_loss", "mix_loss"))
     moved = [np.abs(a - b).max() for a, b in zip(model.backbone.get_weights(), before)]
     assert max(moved) > 0
-    restored = MixCo.from_config(model.get_config())
+    model.save(tmp_path / "mixco.keras")
+    restored = keras.models.load_model(tmp_path / "mixco.keras")
     assert restored.augmentation == model.augmentation
 
 
@@ -500,3 +501,20 @@ def test_train_cli_runs_with_on_device_augmentation(tmp_path):
     assert results["epochs_completed"] == 1
     assert np.isfinite(results["final_metrics"]["loss"])
     assert os.path.isfile(os.path.join(results["export_dir"], "saved_model.pb"))
+
+
+@pytest.mark.slow
+def test_train_cli_resumes_with_on_device_augmentation(tmp_path):
+    model_dir = tmp_path / "run"
+    flags = [f"--model_dir={model_dir}", "--augment_on_device=true", "--evaluate=false", *TINY_FLAGS[1:]]
+    first = _run_train([*flags, "--epochs=1"])
+    assert first.returncode == 0, first.stderr[-3000:]
+
+    resumed = _run_train([*flags, "--epochs=2"])
+    switched = _run_train([f"--model_dir={model_dir}", "--evaluate=false", *TINY_FLAGS[1:], "--epochs=3"])
+
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Resuming after epoch 1 of 2." in resumed.stderr
+    assert json.loads((model_dir / "results.json").read_text())["epochs_completed"] == 2
+    assert switched.returncode == 2, switched.stderr[-3000:]
+    assert "augment_on_device: True -> False" in switched.stderr
