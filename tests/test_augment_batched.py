@@ -468,11 +468,11 @@ def views(strategy):
     return [np.concatenate([t.numpy() for t in strategy.experimental_local_results(v)]) for v in pair]
 
 
-one = views(tf.distribute.get_strategy())
-two = views(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+one_replica = views(tf.distribute.get_strategy())
+two_replicas = views(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
 print(json.dumps({
-    "split_difference": max(float(np.abs(a - b).max()) for a, b in zip(one, two)),
-    "replica_difference": float(np.abs(two[0][:4] - two[0][4:]).max()),
+    "split_difference": max(float(np.abs(a - b).max()) for a, b in zip(one_replica, two_replicas)),
+    "replica_difference": float(np.abs(two_replicas[0][:4] - two_replicas[0][4:]).max()),
 }))
 """
 
