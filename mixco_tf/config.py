@@ -105,6 +105,9 @@ class Config:
     blur_prob: float = 0.0
     blur_max_sigma: float = 2.0
     flip_prob: float = 0.0
+    # Draw the views in the compiled train step (mixco_tf.augment_batched) instead of
+    # in tf.data. Not resumable: its crop sampler and random draws differ.
+    augment_on_device: bool = False
 
     # Execution.
     strategy: str = "auto"
@@ -149,6 +152,8 @@ class Config:
         for name in ("brightness", "contrast", "saturation", "blur_max_sigma"):
             _at_least(self, name, 0)
         _in_range(self, "hue", 0.0, 0.5)
+        if not isinstance(self.augment_on_device, bool):
+            _fail("augment_on_device", self.augment_on_device, "true or false")
 
         if self.image_size < 8:
             _fail("image_size", self.image_size, "at least 8 pixels")
@@ -367,6 +372,9 @@ HELP = {
     "blur_prob": "Probability of blurring a view.",
     "blur_max_sigma": "Largest Gaussian-blur sigma, in pixels (the smallest is 0.1).",
     "flip_prob": "Probability of a horizontal flip (0 for data that is not mirror-symmetric).",
+    "augment_on_device": "Draw the two views inside the compiled train step, batched with per-sample "
+    "parameters, so a GPU or TPU augments; the input pipeline then yields plain images resized to the "
+    "data set's native square side.",
     "strategy": "Distribution strategy: auto (mirrored with several GPUs or cpu_devices, else one_device), one_device, mirrored, multi_worker (cluster from TF_CONFIG) or tpu.",
     "cpu_devices": "Logical CPU devices to split the host into, e.g. 2 to train mirrored replicas without GPUs (0 keeps one).",
     "precision": "Keras dtype policy: float32, mixed_float16 (with loss scaling) or mixed_bfloat16; losses stay float32.",

@@ -19,7 +19,7 @@ import numpy as np
 import tensorflow as tf
 import yaml
 
-from mixco_tf import augment, checkpointing, custom_loop, distribute, evaluation, export
+from mixco_tf import augment, augment_batched, checkpointing, custom_loop, distribute, evaluation, export
 from mixco_tf import plots, preview, runtime, summaries
 from mixco_tf import callbacks as callbacks_lib
 from mixco_tf import config as config_lib
@@ -49,9 +49,22 @@ def augment_config(config):
     )
 
 
-def build_model(config):
+def build_model(config, mean=None, std=None):
     """Builds the model of `config.method`: MoCo-v2 is MixCo with mix_weight = 0, and
-    plain SimCLR is `SimCLR` with mix_weight = 0."""
+    plain SimCLR is `SimCLR` with mix_weight = 0.
+
+    With `config.augment_on_device`, pass the data's per-channel `mean` and `std`: the
+    model then draws its views in the train step. Without them it is built for its
+    weights only (export, restore), which augmentation does not change.
+    """
+    on_device = {}
+    if config.augment_on_device and mean is not None:
+        on_device = {
+            "augmentation": augment_config(config),
+            "image_size": config.image_size,
+            "mean": mean,
+            "std": std,
+        }
     if config.method not in config_lib.MOCO_METHODS:
         return SimCLR(
             backbone=config.backbone,
@@ -64,6 +77,7 @@ def build_model(config):
             weight_decay=config.weight_decay,
             seed=config.seed,
             name="simclr",
+            **on_device,
         )
     return MixCo(
         backbone=config.backbone,
@@ -80,6 +94,7 @@ def build_model(config):
         seed=config.seed,
         batch_norm=config.batch_norm,
         name="mixco",
+        **on_device,
     )
 
 
@@ -166,7 +181,7 @@ def run_experiment(config, evaluate=True, overwrite=False, evaluate_random_init=
         logger.info("Run directory: %s", os.path.abspath(model_dir))
 
     with strategy.scope():
-        model = _build_compiled_model(config, strategy, steps_per_epoch)
+        model = _build_compiled_model(config, strategy, steps_per_epoch, splits)
         start_epoch = 0
         if state is not None:
             checkpointing.restore_training_state(model, model_dir, state)
@@ -182,6 +197,15 @@ def run_experiment(config, evaluate=True, overwrite=False, evaluate_random_init=
             # Each worker reads its own shard of the images and batches per replica.
             images = images.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
             batch_size = input_context.get_per_replica_batch_size(config.batch_size)
+        if config.augment_on_device:
+            # Plain images of the data set's native square side; the model draws the views.
+            return augment_batched.image_batches(
+                images,
+                source_size=splits.image_size,
+                batch_size=batch_size,
+                seed=pipeline_seed(config.seed, start_epoch),
+                cache=splits.fits_in_memory,
+            )
         return augment.two_view_dataset(
             images,
             image_size=config.image_size,
@@ -308,8 +332,11 @@ def _create_strategy(config):
         raise ConfigError(str(error)) from error
 
 
-def _build_compiled_model(config, strategy, steps_per_epoch):
-    """Builds and compiles the model under `config.precision`; call it in `strategy.scope()`."""
+def _build_compiled_model(config, strategy, steps_per_epoch, splits=None):
+    """Builds and compiles the model under `config.precision`; call it in `strategy.scope()`.
+
+    `splits` gives the mean and std of on-device augmentation (`config.augment_on_device`).
+    """
     num_replicas = strategy.num_replicas_in_sync
     try:
         key_splits = config.key_bn_splits if config.batch_norm == "shuffle" else 1
@@ -336,10 +363,11 @@ def _build_compiled_model(config, strategy, steps_per_epoch):
 
     # The layers take the global dtype policy when they are created, so it is set for
     # the model only and restored for the rest of the process.
+    mean, std = (splits.mean, splits.std) if splits is not None else (None, None)
     previous_policy = keras.config.dtype_policy()
     keras.config.set_dtype_policy(config.precision)
     try:
-        model = build_model(config)
+        model = build_model(config, mean, std)
     finally:
         keras.config.set_dtype_policy(previous_policy)
 

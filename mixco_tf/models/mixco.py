@@ -2,6 +2,8 @@
 
 One training step on two augmented views `view_q`, `view_k` of a batch of B images:
 
+0. augment (only for a model built with `augmentation`): draw `view_q`, `view_k` from
+   the batch of plain images on the device;
 1. mix: pair the first half of `view_q` with the second half, `x_mix = lam * x1 + (1 - lam) * x2`;
 2. encode queries: `q`, `q_mix` from the query encoder on `concat[view_q, x_mix]`;
 3. update the key encoder: `theta_k = m * theta_k + (1 - m) * theta_q`;
@@ -20,6 +22,7 @@ import keras
 import tensorflow as tf
 
 from mixco_tf import distribute, losses
+from mixco_tf.augment_batched import OnDeviceAugmentation
 from mixco_tf.models.batch_norm import SplitBatchNormalization
 from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
@@ -38,8 +41,9 @@ class MixCo(keras.Model):
 
     `fit` takes a dataset of `(view_q, view_k)` pairs: two augmented, normalized float
     views `[batch, height, width, 3]` of the same images, with an even batch size.
-    Calling the model returns the query backbone's features, the representation that is
-    exported and evaluated.
+    A model built with `augmentation` instead takes batches of plain images and draws
+    the two views in its train step. Calling the model returns the query backbone's
+    features, the representation that is exported and evaluated.
 
     Args:
         backbone: "resnet18", "resnet34" or "resnet50" (torchvision layout).
@@ -71,7 +75,16 @@ class MixCo(keras.Model):
             "none": no normalization layers in either encoder (for ablations and for
                 checks that must not depend on how a batch is split over replicas). The
                 keys are still shuffled as in "shuffle", which then changes nothing.
-        seed: seed of the in-graph randomness (mixing weights, key shuffle, queue init).
+        seed: seed of the in-graph randomness (mixing weights, key shuffle, queue init,
+            and the views with `augmentation`).
+        augmentation: None (default) to train on views drawn by the input pipeline, or
+            a `mixco_tf.AugmentConfig` (or a dict of its fields) to draw them in the
+            train step with `mixco_tf.augment_batched`. `fit` then takes batches of
+            uint8 images (or float in [0, 1]) `[batch, height, width, 3]` of one static
+            size, or `(images, labels)`.
+        image_size: side of the square views in pixels, with `augmentation`.
+        mean: per-channel mean of the data in [0, 1] units, with `augmentation`.
+        std: per-channel standard deviation of the data in [0, 1] units, with `augmentation`.
         **kwargs: passed to `keras.Model`.
     """
 
@@ -90,6 +103,10 @@ class MixCo(keras.Model):
         key_bn_splits=8,
         seed=None,
         batch_norm="shuffle",
+        augmentation=None,
+        image_size=None,
+        mean=None,
+        std=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -107,6 +124,7 @@ class MixCo(keras.Model):
         self.seed = seed
         self.batch_norm = batch_norm
         _validate_hyperparameters(self)
+        self.augmentation = OnDeviceAugmentation.from_arguments(augmentation, image_size, mean, std, "MixCo")
 
         # Query encoder f_q = projection_head(backbone(x)): trained by the optimizer.
         query_batch_norm, key_batch_norm = _batch_norm_factories(batch_norm, key_bn_splits)
@@ -277,7 +295,11 @@ class MixCo(keras.Model):
         self.queue_pointer.assign((self.queue_pointer + batch_size) % self.queue_size)
 
     def train_step(self, data):
-        view_q, view_k = _unpack_views(data)
+        # 0. Draw the two views on the device, or take those of the input pipeline.
+        if self.augmentation is not None:
+            view_q, view_k = self.augmentation.draw_views(data, self.seed_generator, "MixCo")
+        else:
+            view_q, view_k = _unpack_views(data)
         _, num_replicas = distribute.replica_position()
         _check_batch_size(view_q.shape[0], self.key_bn_splits, self.queue_size, num_replicas)
         batch_size = tf.shape(view_q)[0]
@@ -384,6 +406,7 @@ class MixCo(keras.Model):
             "key_bn_splits": self.key_bn_splits,
             "seed": self.seed,
             "batch_norm": self.batch_norm,
+            **(self.augmentation.get_config() if self.augmentation is not None else {}),
         }
 
     def save_own_variables(self, store):

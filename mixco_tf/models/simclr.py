@@ -2,6 +2,8 @@
 
 One training step on two augmented views `view_1`, `view_2` of a batch of N images:
 
+0. augment (only for a model built with `augmentation`): draw `view_1`, `view_2` from
+   the batch of plain images on the device;
 1. mix: for each view, `x_mix = lam * x[:N/2] + (1 - lam) * x[N/2:]` (skipped when beta = 0);
 2. encode: `z1`, `z2` (and `z_mix1`, `z_mix2`) = normalize(head(backbone(x))), one forward
    pass per batch, so BatchNorm normalizes each view over its own batch, as the
@@ -22,6 +24,7 @@ import keras
 import tensorflow as tf
 
 from mixco_tf import losses
+from mixco_tf.augment_batched import OnDeviceAugmentation
 from mixco_tf.models.mixing import mix_halves, unpack_views
 from mixco_tf.models.resnet import build_backbone, build_projection_head
 
@@ -32,8 +35,9 @@ class SimCLR(keras.Model):
 
     `fit` takes a dataset of `(view_1, view_2)` pairs: two augmented, normalized float
     views `[batch, height, width, 3]` of the same images, with an even batch size.
-    Calling the model returns the backbone's features, the representation that is
-    exported and evaluated.
+    A model built with `augmentation` instead takes batches of plain images and draws
+    the two views in its train step. Calling the model returns the backbone's features,
+    the representation that is exported and evaluated.
 
     Args:
         backbone: "resnet18", "resnet34" or "resnet50" (torchvision layout).
@@ -47,7 +51,13 @@ class SimCLR(keras.Model):
         weight_decay: L2 coefficient added to the gradients before the optimizer, like
             `torch.optim.SGD(weight_decay=...)` in the authors' code. Leave it at 0 when
             the optimizer applies its own decoupled weight decay.
-        seed: seed of the in-graph randomness (the mixing weights).
+        seed: seed of the in-graph randomness (the mixing weights, and the views with
+            `augmentation`).
+        augmentation: None (default), or a `mixco_tf.AugmentConfig` (or a dict of its
+            fields) to draw the views in the train step; see `MixCo`.
+        image_size: side of the square views in pixels, with `augmentation`.
+        mean: per-channel mean of the data in [0, 1] units, with `augmentation`.
+        std: per-channel standard deviation of the data in [0, 1] units, with `augmentation`.
         **kwargs: passed to `keras.Model`.
     """
 
@@ -62,6 +72,10 @@ class SimCLR(keras.Model):
         mix_weight=1.0,
         weight_decay=0.0,
         seed=None,
+        augmentation=None,
+        image_size=None,
+        mean=None,
+        std=None,
         **kwargs,
     ):
         super().__init__(**kwargs)
@@ -75,6 +89,7 @@ class SimCLR(keras.Model):
         self.weight_decay = weight_decay
         self.seed = seed
         _validate_hyperparameters(self)
+        self.augmentation = OnDeviceAugmentation.from_arguments(augmentation, image_size, mean, std, "SimCLR")
 
         self.backbone = build_backbone(backbone, stem, width_multiplier, model_name="backbone")
         feature_dim = self.backbone.output_shape[-1]
@@ -105,7 +120,11 @@ class SimCLR(keras.Model):
         return mix_halves(images, self.seed_generator)
 
     def train_step(self, data):
-        view_1, view_2 = unpack_views(data, "SimCLR")
+        # 0. Draw the two views on the device, or take those of the input pipeline.
+        if self.augmentation is not None:
+            view_1, view_2 = self.augmentation.draw_views(data, self.seed_generator, "SimCLR")
+        else:
+            view_1, view_2 = unpack_views(data, "SimCLR")
         _check_batch_size(view_1.shape[0])
         use_mix = self.mix_weight > 0
         variables = self.backbone.trainable_variables + self.projection_head.trainable_variables
@@ -162,6 +181,7 @@ class SimCLR(keras.Model):
             "mix_weight": self.mix_weight,
             "weight_decay": self.weight_decay,
             "seed": self.seed,
+            **(self.augmentation.get_config() if self.augmentation is not None else {}),
         }
 
 
