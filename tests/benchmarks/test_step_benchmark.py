@@ -82,3 +82,15 @@ def test_cli_rejects_odd_batch():
 
     assert completed.returncode != 0
     assert "batch_size 12" in completed.stderr
+
+
+def test_step_parts_cli_prints_every_part():
+    command = [
+        sys.executable, "-m", "benchmarks.step_parts", "--image_size=16", "--batch_size=8", "--repeats=1",
+        "--width_multiplier=0.125",
+    ]
+    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+
+    assert completed.returncode == 0, completed.stderr[-2000:]
+    for part in ("whole step", "query forward + backward + SGD", "key forward (split BatchNorm)", "rest"):
+        assert part in completed.stdout
