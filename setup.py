@@ -45,6 +45,7 @@ setuptools.setup(
         # Every optional feature but serving, so that the suite tests them.
         "test": [
             "pytest>=7.0",
+            "pytest-xdist>=3.0",
             "matplotlib>=3.6",
             "ipykernel>=6.0",
             "nbclient>=0.6",

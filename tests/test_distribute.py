@@ -134,20 +134,18 @@ def _free_port():
         return sock.getsockname()[1]
 
 
-@pytest.mark.slow
-def test_two_workers_train_with_cli(tmp_path):
-    """Two MultiWorkerMirroredStrategy workers on loopback ports run the real CLI."""
+def _run_two_workers(tmp_path, model_dir, epochs, name):
+    """Runs the train CLI as two MultiWorkerMirroredStrategy workers; returns their logs."""
     cluster = {"worker": [f"127.0.0.1:{_free_port()}", f"127.0.0.1:{_free_port()}"]}
-    model_dir = tmp_path / "run"
     arguments = [
         sys.executable, "-m", "mixco_tf.train", f"--model_dir={model_dir}",
-        "--strategy=multi_worker", "--epochs=1", "--batch_size=32", "--queue_size=64",
+        "--strategy=multi_worker", f"--epochs={epochs}", "--batch_size=32", "--queue_size=64",
         "--key_bn_splits=2", "--width_multiplier=0.0625", "--evaluate=false",
     ]
     workers = []
     for index in range(2):
         environment = dict(os.environ, TF_CONFIG=json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}}))
-        log = open(tmp_path / f"worker{index}.log", "w")
+        log = open(tmp_path / f"{name}{index}.log", "w")
         workers.append((subprocess.Popen(arguments, env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=REPOSITORY), log))
     for process, log in workers:
         try:
@@ -155,14 +153,71 @@ def test_two_workers_train_with_cli(tmp_path):
         finally:
             process.kill()
             log.close()
-    logs = [(tmp_path / f"worker{index}.log").read_text() for index in range(2)]
-
+    logs = [(tmp_path / f"{name}{index}.log").read_text() for index in range(2)]
     for index, (process, _) in enumerate(workers):
         assert process.returncode == 0, logs[index][-4000:]
+    return logs
+
+
+def _final_digests(logs):
+    return [line.rsplit("SHA-256 ", 1)[1] for log in logs for line in log.splitlines() if "Final weights of" in line]
+
+
+@pytest.mark.slow
+def test_two_workers_train_with_cli(tmp_path):
+    """Two MultiWorkerMirroredStrategy workers on loopback ports run the real CLI, then resume."""
+    model_dir = tmp_path / "run"
+    logs = _run_two_workers(tmp_path, model_dir, epochs=1, name="first")
+
     results = json.loads((model_dir / "results.json").read_text())
     assert results["num_replicas"] == 2
     assert results["strategy"] == "multi_worker"
     assert list(tmp_path.glob("**/results.json")) == [model_dir / "results.json"]
-    digests = [line.rsplit("SHA-256 ", 1)[1] for log in logs for line in log.splitlines() if "Final weights of" in line]
+    digests = _final_digests(logs)
     assert len(digests) == 2
     assert digests[0] == digests[1]
+
+    # A longer rerun resumes both workers from the chief's backup of epoch 1.
+    logs = _run_two_workers(tmp_path, model_dir, epochs=2, name="resumed")
+
+    for log in logs:
+        assert "(end of epoch 1)" in log
+        assert "epochs 2 to 2" in log
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["resumed_from_epoch"] == 1
+    assert results["epochs_completed"] == 2
+    digests = _final_digests(logs)
+    assert len(digests) == 2
+    assert digests[0] == digests[1]
+
+
+@pytest.mark.slow
+def test_mirrored_run_resumes(tmp_path):
+    """Two replicas on logical CPU devices: a longer rerun continues from the backup."""
+    model_dir = tmp_path / "run"
+    arguments = [
+        sys.executable, "-m", "mixco_tf.train", f"--model_dir={model_dir}", "--strategy=mirrored",
+        "--cpu_devices=2", "--batch_size=32", "--queue_size=96", "--key_bn_splits=2",
+        "--width_multiplier=0.0625", "--image_size=16", "--evaluate=false",
+    ]
+    environment = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    first = subprocess.run([*arguments, "--epochs=1"], capture_output=True, text=True, timeout=900, env=environment, cwd=REPOSITORY)
+    assert first.returncode == 0, first.stderr[-4000:]
+    state = json.loads((model_dir / "backup" / "training_state.json").read_text())
+
+    second = subprocess.run([*arguments, "--epochs=2"], capture_output=True, text=True, timeout=900, env=environment, cwd=REPOSITORY)
+
+    assert second.returncode == 0, second.stderr[-4000:]
+    iterations = state["optimizer_iterations"]
+    assert (
+        f"(end of epoch 1): optimizer iterations {iterations}, queue pointer {state['queue_pointer']}."
+        in second.stderr
+    )
+    results = json.loads((model_dir / "results.json").read_text())
+    assert results["strategy"] == "mirrored"
+    assert results["num_replicas"] == 2
+    assert results["resumed_from_epoch"] == 1
+    final = json.loads((model_dir / "backup" / "training_state.json").read_text())
+    # Iterations continued from the restored count, and the pointer moved by the global batch.
+    assert final["optimizer_iterations"] == 2 * iterations
+    assert final["queue_pointer"] == (2 * iterations * 32) % 96
