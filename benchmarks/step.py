@@ -377,9 +377,16 @@ def main(argv=None):
         f"{'method':6} {'backbone':8} {'width':>5} {'stem':8} {'size':>4} {'batch':>5} {'precision':14} "
         f"{'xla':3} {'onednn':6} {'img/s':>7} {'step s':>7} {'GFLOP':>7} {'util':>5} {'util32':>6} {'RSS MB':>7}"
     )
-    records = []
+    records, failures = [], 0
     for group in groups:
-        for record in _run_in_subprocess(group, args.timeout):
+        try:
+            group_records = _run_in_subprocess(group, args.timeout)
+        except (RuntimeError, subprocess.TimeoutExpired) as error:
+            # One failed or slow setting must not cost the measurements of the others.
+            failures += 1
+            print(f"FAILED {group['setting']}: {str(error)[-1500:]}", file=sys.stderr, flush=True)
+            continue
+        for record in group_records:
             records.append(record)
             print(_format_row(record), flush=True)
             if args.output:
@@ -387,6 +394,9 @@ def main(argv=None):
                     stream.write(json.dumps(record) + "\n")
     for line in _ratio_lines(records):
         print(line)
+    if failures:
+        print(f"{failures} of {len(groups)} settings failed; see FAILED lines above.", file=sys.stderr)
+        return 1
     return 0
 
 

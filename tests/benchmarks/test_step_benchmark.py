@@ -94,3 +94,21 @@ def test_step_parts_cli_prints_every_part():
     assert completed.returncode == 0, completed.stderr[-2000:]
     for part in ("whole step", "query forward + backward + SGD", "key forward (split BatchNorm)", "rest"):
         assert part in completed.stdout
+
+
+def test_cli_continues_after_a_failed_setting(tmp_path):
+    """A worker that fails (here: a backbone name the model rejects) is reported, the rest still run."""
+    output = tmp_path / "step.jsonl"
+    command = [
+        sys.executable, "-m", "benchmarks.step", "--backbone=resnet7,resnet18", "--width_multiplier=0.125",
+        "--image_size=16", "--batch_size=16", "--steps=1", "--warmup_steps=1", "--repeats=1",
+        "--queue_size=32", "--methods=moco", f"--output={output}",
+    ]
+    completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=600)
+
+    assert completed.returncode == 1
+    assert "FAILED" in completed.stderr
+    assert "resnet7" in completed.stderr
+    assert "1 of 2 settings failed" in completed.stderr
+    records = [json.loads(line) for line in output.read_text().splitlines()]
+    assert [record["backbone"] for record in records] == ["resnet18"]
