@@ -172,7 +172,18 @@ def _time_augmentation_alone(config, splits, batches):
 
 
 def main(argv=None):
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    for name in args.settings:
+        if name not in SETTINGS:
+            parser.error(f"invalid setting {name!r} in --settings: use one of {', '.join(SETTINGS)}")
+    if args.batch_size < 8 or args.batch_size % 8:
+        parser.error(f"invalid --batch_size={args.batch_size}: use a multiple of 8 (the key encoder's 8 BatchNorm groups)")
+    for name in ("steps", "repeats"):
+        if getattr(args, name) < 1:
+            parser.error(f"invalid --{name}={getattr(args, name)}: use 1 or more")
+    if args.num_images < args.batch_size:
+        parser.error(f"invalid --num_images={args.num_images}: use at least --batch_size={args.batch_size}")
     rows = []
     with tempfile.TemporaryDirectory() as folder:
         for name in args.settings:

@@ -27,7 +27,10 @@ def parse_switch(text):
     """Reads "default" as None, otherwise a bool as `parse_bool` does."""
     if text.strip().lower() == "default":
         return None
-    return parse_bool(text)
+    try:
+        return parse_bool(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"invalid value {text!r}: use true, false or default") from None
 
 
 def switch_environment(variable, value):

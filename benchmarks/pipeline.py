@@ -1,6 +1,6 @@
 """Input-pipeline throughput per data set, next to what the train step consumes.
 
-    python -m benchmarks.pipeline [--num_images=500] [--batch_size=128] [--epochs=3]
+    python -m benchmarks.pipeline [--num_images=500] [--batch_size=128] [--epochs=3] [--train_steps=10]
 
 The data sets are `digits` and miniature copies of Tiny ImageNet, CIFAR-10 and an image
 folder, written in their real formats to a temporary folder and read by the real
@@ -26,6 +26,17 @@ flags.DEFINE_integer("num_images", 500, "Training images of each miniature data 
 flags.DEFINE_integer("batch_size", 128, "Batch size of the pipelines and the train step.")
 flags.DEFINE_integer("epochs", 3, "Pipeline epochs to time; the first one fills the cache.")
 flags.DEFINE_integer("train_steps", 10, "Timed train steps per image size, after 2 warm-up steps.")
+flags.register_validator(
+    "batch_size", lambda value: value >= 8 and value % 8 == 0,
+    "must be a multiple of 8 (the key encoder's 8 BatchNorm groups)",
+)
+flags.register_validator("epochs", lambda value: value >= 2, "must be 2 or more: the first epoch fills the cache")
+flags.register_validator("train_steps", lambda value: value >= 1, "must be 1 or more")
+flags.register_multi_flags_validator(
+    ["num_images", "batch_size"],
+    lambda values: values["num_images"] >= values["batch_size"],
+    "--num_images must be at least --batch_size, so every data set fills one batch",
+)
 
 
 def _write_miniatures(folder, num_images):

@@ -123,6 +123,15 @@ def settings(args):
 
 
 def validate(methods, config):
+    from mixco_tf.models.resnet import BLOCKS, STEMS
+
+    if config["backbone"] not in BLOCKS:
+        raise ValueError(f"invalid backbone {config['backbone']!r}: use one of {', '.join(sorted(BLOCKS))}")
+    if config["stem"] not in STEMS:
+        raise ValueError(f"invalid stem {config['stem']!r}: use one of {', '.join(STEMS)}")
+    for name in ("steps", "repeats", "warmup_steps"):
+        if config[name] < 1:
+            raise ValueError(f"invalid --{name}={config[name]}: use 1 or more")
     for method in methods:
         if method not in ("mixco", "moco"):
             raise ValueError(f"invalid method {method!r} in --methods: use mixco or moco")
@@ -367,6 +376,8 @@ def main(argv=None):
     if args.worker:
         print(json.dumps(run_worker(json.loads(args.worker))))
         return 0
+    if args.output and not os.path.isdir(os.path.dirname(os.path.abspath(args.output))):
+        parser.error(f"invalid --output={args.output!r}: its folder does not exist; create it first")
     groups = [{"methods": args.methods, "setting": setting} for setting in settings(args)]
     for group in groups:
         try:

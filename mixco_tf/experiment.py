@@ -221,7 +221,7 @@ def run_experiment(config, evaluate=True, overwrite=False, evaluate_random_init=
     if runtime.onednn_enabled() is False and not tf.config.list_physical_devices("GPU"):
         logger.info(
             "TensorFlow's oneDNN CPU kernels are off on this CPU. %s=1 in the environment "
-            "turns them on: 3.5x faster steps on a 2-core AVX2 machine (docs/benchmarks.md).",
+            "turns them on: 3.9x faster steps on a 2-core AVX2 machine (docs/benchmarks.md).",
             runtime.ONEDNN_VARIABLE,
         )
     logger.info(

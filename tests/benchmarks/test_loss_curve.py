@@ -62,3 +62,4 @@ def test_cli_rejects_too_few_steps():
 
     assert completed.returncode == 2
     assert "--steps=5" in completed.stderr
+

@@ -76,12 +76,25 @@ def test_cli_writes_one_record_per_method(tmp_path):
     assert "MixCo / MoCo step time" in completed.stdout
 
 
-def test_cli_rejects_odd_batch():
-    command = [sys.executable, "-m", "benchmarks.step", "--batch_size=12"]
+@pytest.mark.parametrize(
+    "flag, message",
+    [
+        ("--batch_size=12", "batch_size 12"),
+        ("--stem=foo", "invalid stem 'foo'"),
+        ("--backbone=resnet7", "invalid backbone 'resnet7'"),
+        ("--steps=0", "invalid --steps=0"),
+        ("--repeats=0", "invalid --repeats=0"),
+        ("--onednn=maybe", "use true, false or default"),
+        ("--output=/nonexistent-folder/step.jsonl", "its folder does not exist"),
+    ],
+)
+def test_cli_rejects_bad_value_before_measuring(flag, message):
+    command = [sys.executable, "-m", "benchmarks.step", flag]
     completed = subprocess.run(command, cwd=REPOSITORY, capture_output=True, text=True, timeout=120)
 
-    assert completed.returncode != 0
-    assert "batch_size 12" in completed.stderr
+    assert completed.returncode == 2
+    assert message in completed.stderr
+    assert "Traceback" not in completed.stderr
 
 
 def test_step_parts_cli_prints_every_part():
@@ -97,10 +110,10 @@ def test_step_parts_cli_prints_every_part():
 
 
 def test_cli_continues_after_a_failed_setting(tmp_path):
-    """A worker that fails (here: a backbone name the model rejects) is reported, the rest still run."""
+    """A worker that fails (here: width 0, which the model rejects) is reported, the rest still run."""
     output = tmp_path / "step.jsonl"
     command = [
-        sys.executable, "-m", "benchmarks.step", "--backbone=resnet7,resnet18", "--width_multiplier=0.125",
+        sys.executable, "-m", "benchmarks.step", "--width_multiplier=0,0.125",
         "--image_size=16", "--batch_size=16", "--steps=1", "--warmup_steps=1", "--repeats=1",
         "--queue_size=32", "--methods=moco", f"--output={output}",
     ]
@@ -108,7 +121,7 @@ def test_cli_continues_after_a_failed_setting(tmp_path):
 
     assert completed.returncode == 1
     assert "FAILED" in completed.stderr
-    assert "resnet7" in completed.stderr
+    assert "width_multiplier must be positive" in completed.stderr
     assert "1 of 2 settings failed" in completed.stderr
     records = [json.loads(line) for line in output.read_text().splitlines()]
-    assert [record["backbone"] for record in records] == ["resnet18"]
+    assert [record["width_multiplier"] for record in records] == [0.125]
