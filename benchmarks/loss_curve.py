@@ -3,10 +3,10 @@
     python -m benchmarks.loss_curve --steps=100 --precision=float32,mixed_bfloat16 --onednn=true,false
 
 A speed-up is kept only if it trains the same model. Each combination of `--precision`
-and `--onednn` trains the same config (default `configs/digits.yaml`: real digits
-images through the real two-view pipeline, same seed, so the same batches, mixing
-weights and key shuffles) for `--steps` steps in its own process, and records the loss
-of every step. The first combination is the reference. One more run of the reference
+and `--onednn` trains the same config for `--steps` steps in its own process and records
+the loss of every step. The default config is `configs/digits.yaml`: real digits images
+through the real two-view pipeline, with the same seed, so the same batches, mixing
+weights and key shuffles. The first combination is the reference. One more run of the reference
 with `seed + 1` measures how far two float32 runs drift apart for reasons that do not
 matter (other batches, weights and lam draws); a setting matches float32 when its
 curve stays as close to the reference as that run does.
@@ -18,13 +18,12 @@ contrastive training move by several tenths from batch to batch.
 import argparse
 import json
 import os
-import subprocess
 import sys
 import time
 
 import numpy as np
 
-from benchmarks import flags
+from benchmarks import flags, workers
 
 PRECISIONS = ("float32", "mixed_bfloat16", "mixed_float16")
 WINDOW = 10
@@ -97,15 +96,6 @@ def compare(reference, other):
     return float(gap.max()), float(gap.mean())
 
 
-def _run_in_subprocess(run, timeout):
-    command = [sys.executable, "-m", "benchmarks.loss_curve", "--worker", json.dumps(run)]
-    env = flags.switch_environment("TF_ENABLE_ONEDNN_OPTS", run["onednn"])
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(f"run {run} failed with exit code {completed.returncode}:\n{completed.stderr[-3000:]}")
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def _label(run):
     onednn = {None: "default", True: "on", False: "off"}[run["onednn"]]
     return f"{run['precision']}, oneDNN {onednn}, seed {run['seed']}"
@@ -135,7 +125,7 @@ def main(argv=None):
     runs.append({**runs[0], "seed": seed + 1})
     results = []
     for run in runs:
-        result = _run_in_subprocess(run, args.timeout)
+        result = workers.run_worker("benchmarks.loss_curve", run, run["onednn"], args.timeout)
         results.append(result)
         print(f"{_label(run):40} {result['seconds_per_step']:.3f} s/step, final loss {result['losses'][-1]:.4f}", flush=True)
 

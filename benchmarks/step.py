@@ -40,7 +40,7 @@ import subprocess
 import sys
 import time
 
-from benchmarks import flags
+from benchmarks import flags, workers
 
 FIELDS = (
     "method",
@@ -330,19 +330,6 @@ def run_worker(group):
 # ---------------------------------------------------------------------- the driver
 
 
-def _run_in_subprocess(group, timeout):
-    command = [sys.executable, "-m", "benchmarks.step", "--worker", json.dumps(group)]
-    # TensorFlow reads the oneDNN switch when it loads, so each worker gets its own.
-    env = flags.switch_environment("TF_ENABLE_ONEDNN_OPTS", group["setting"]["onednn"])
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
-    if completed.returncode != 0:
-        raise RuntimeError(
-            f"benchmark worker failed for {group} with exit code {completed.returncode}:\n"
-            f"{completed.stderr[-3000:]}"
-        )
-    return json.loads(completed.stdout.strip().splitlines()[-1])
-
-
 def _ratio_lines(records):
     """Returns 'MixCo / MoCo step time' lines for configurations measured with both methods."""
     by_key = {}
@@ -391,7 +378,7 @@ def main(argv=None):
     records, failures = [], 0
     for group in groups:
         try:
-            group_records = _run_in_subprocess(group, args.timeout)
+            group_records = workers.run_worker("benchmarks.step", group, group["setting"]["onednn"], args.timeout)
         except (RuntimeError, subprocess.TimeoutExpired) as error:
             # One failed or slow setting must not cost the measurements of the others.
             failures += 1
